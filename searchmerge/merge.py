@@ -1,0 +1,230 @@
+"""The merge driver: validate a recipe against its checkpoints, then merge tensor by tensor.
+
+Everything that can be wrong (paths, keys, shapes, dtypes, parameter values) is checked in
+:func:`plan_merge` before any tensor is merged. :func:`merge_tensor` is the single per-tensor entry
+point that the file merge and the resident store (``searchmerge.store``) both call, so the two give
+the same tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from searchmerge.errors import CheckpointError, RecipeError
+from searchmerge.io.checkpoint import open_checkpoint
+from searchmerge.methods.registry import MethodSpec
+from searchmerge.recipe import Recipe, global_scalars, layer_fraction, layer_index, load_recipe, resolve_params
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def tensor_rng(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded from (recipe seed, tensor name): the same masks in any order, shard or device."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+def merge_tensor(
+    spec: MethodSpec,
+    base: torch.Tensor | None,
+    tensors: Sequence[torch.Tensor],
+    params: dict[str, Any],
+    *,
+    rng: torch.Generator | None = None,
+    stats: Any = None,
+    compute_dtype: torch.dtype = torch.float32,
+    inputs_are_deltas: bool = False,
+) -> torch.Tensor:
+    """Merge one tensor; returns a new tensor in ``compute_dtype``. Inputs are never modified.
+
+    ``tensors`` are full weights θ_i, or task vectors τ_i when ``inputs_are_deltas`` (the resident store).
+    """
+    b = base.to(compute_dtype) if base is not None else None
+    xs = [t.to(compute_dtype) for t in tensors]
+    if spec.inputs == "deltas":
+        assert b is not None
+        deltas = xs if inputs_are_deltas else [x - b for x in xs]
+        return b + spec(b, deltas, params, rng=rng, stats=stats)
+    weights = [b + x for x in xs] if inputs_are_deltas and b is not None else xs
+    return spec(b, weights, params, rng=rng, stats=stats)
+
+
+@dataclass
+class MergePlan:
+    """A validated recipe bound to opened checkpoints."""
+
+    recipe: Recipe
+    spec: MethodSpec
+    base: Any
+    models: list[Any]
+    keys: list[str]
+    merged_keys: list[str]
+    n_layers: int
+
+    @property
+    def reference(self) -> Any:
+        return self.base if self.base is not None else self.models[0]
+
+    def params_for(self, name: str) -> dict[str, Any]:
+        return resolve_params(self.recipe, name, layer_fraction(name, self.n_layers))
+
+
+def _is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+def plan_merge(
+    recipe: Recipe,
+    *,
+    base: Any = None,
+    models: Sequence[Any] | None = None,
+    allow_pickle: bool = False,
+) -> MergePlan:
+    """Open and cross-check every checkpoint; raise a clear error before any merging work.
+
+    ``base``/``models`` may be given as in-memory state dicts (Python API); otherwise the recipe's paths
+    are opened lazily.
+    """
+    spec = recipe.spec
+    base_reader = None
+    if recipe.base_model is not None or base is not None:
+        base_reader = open_checkpoint(base if base is not None else recipe.base_model, allow_pickle=allow_pickle)
+    sources = list(models) if models is not None else recipe.model_paths
+    if len(sources) != len(recipe.models):
+        raise RecipeError(f"recipe lists {len(recipe.models)} models but {len(sources)} sources were given.")
+    readers = [open_checkpoint(s, allow_pickle=allow_pickle) for s in sources]
+    ref = base_reader if base_reader is not None else readers[0]
+    ref_name = "base model" if base_reader is not None else f"models[0] ({recipe.models[0].model})"
+    keys = ref.keys()
+    ref_keys = set(keys)
+    for i, r in enumerate(readers):
+        where = f"models[{i}] ({recipe.models[i].model})"
+        missing = sorted(ref_keys - set(r.keys()))
+        extra = sorted(set(r.keys()) - ref_keys)
+        if missing:
+            raise CheckpointError(f"{where} is missing tensor(s) {missing[:5]} that the {ref_name} has.")
+        if extra:
+            raise CheckpointError(f"{where} has tensor(s) {extra[:5]} that the {ref_name} lacks.")
+        for k in keys:
+            if r.shape(k) != ref.shape(k):
+                raise CheckpointError(
+                    f"shape mismatch for tensor {k}: {ref_name} has {list(ref.shape(k))}, "
+                    f"{where} has {list(r.shape(k))}."
+                )
+            if _is_float(r.dtype(k)) != _is_float(ref.dtype(k)):
+                raise CheckpointError(
+                    f"dtype mismatch for tensor {k}: {ref_name} has {ref.dtype(k)}, {where} has {r.dtype(k)}; "
+                    "a float tensor cannot be merged with an integer one."
+                )
+    merged = [k for k in keys if _is_float(ref.dtype(k))]
+    layers = [i for i in (layer_index(k) for k in keys) if i is not None]
+    return MergePlan(
+        recipe=recipe,
+        spec=spec,
+        base=base_reader,
+        models=readers,
+        keys=keys,
+        merged_keys=merged,
+        n_layers=(max(layers) + 1) if layers else 1,
+    )
+
+
+def _whole_model_stats(plan: MergePlan, device: str, compute_dtype: torch.dtype) -> Any:
+    spec = plan.spec
+    scalars = global_scalars(plan.recipe)
+    if not spec.needs_prepare(scalars):
+        return None
+
+    def items() -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor], torch.Generator]]:
+        for k in plan.merged_keys:
+            b = plan.base.get(k, device).to(compute_dtype)
+            deltas = [m.get(k, device).to(compute_dtype) - b for m in plan.models]
+            yield k, b, deltas, tensor_rng(plan.recipe.seed, k)
+
+    return spec.prepare(items(), scalars)  # type: ignore[misc]
+
+
+def iter_merged(
+    plan: MergePlan,
+    *,
+    device: str = "cpu",
+    out_dtype: str | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, merged tensor)`` in checkpoint order; non-float tensors pass through from the base."""
+    recipe = plan.recipe
+    compute = DTYPES[recipe.dtype]
+    out_name = out_dtype or recipe.out_dtype
+    stats = _whole_model_stats(plan, device, compute)
+    bar = _progress(progress, len(plan.keys), f"merging ({recipe.method})")
+    try:
+        for k in plan.keys:
+            ref_t = plan.reference.get(k, device)
+            if not _is_float(ref_t.dtype):
+                yield k, ref_t
+            else:
+                base_t = plan.base.get(k, device) if plan.base is not None else None
+                tensors = [m.get(k, device) for m in plan.models]
+                out = merge_tensor(
+                    plan.spec, base_t, tensors, plan.params_for(k),
+                    rng=tensor_rng(recipe.seed, k) if plan.spec.uses_rng else None,
+                    stats=stats, compute_dtype=compute,
+                )
+                yield k, out.to(DTYPES[out_name] if out_name else ref_t.dtype)
+            if bar is not None:
+                bar[0].advance(bar[1])
+    finally:
+        if bar is not None:
+            bar[0].stop()
+
+
+def _progress(enabled: bool, total: int, label: str):  # noqa: ANN202
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    prog = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    task = prog.add_task(label, total=total)
+    prog.start()
+    return prog, task
+
+
+def merge(
+    recipe: Recipe | str | Path,
+    *,
+    out: str | Path | None = None,
+    device: str = "cpu",
+    out_dtype: str | None = None,
+    base: dict[str, torch.Tensor] | None = None,
+    models: Sequence[dict[str, torch.Tensor]] | None = None,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, torch.Tensor] | Path:
+    """Merge per ``recipe`` (a :class:`Recipe` or a YAML path, ours or MergeKit's).
+
+    Returns the merged state dict, or, with ``out``, writes an HF folder atomically and returns its path.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    if out_dtype is not None and out_dtype not in DTYPES:
+        raise RecipeError(f"out_dtype must be one of {sorted(DTYPES)}, got {out_dtype!r}.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RecipeError(f"device {device!r} requested but CUDA is not available here.")
+    if out is not None and Path(out).exists() and not overwrite:
+        raise CheckpointError(f"output {out} already exists; pass overwrite=True (CLI: --force) to replace it.")
+    plan = plan_merge(recipe, base=base, models=models, allow_pickle=allow_pickle)
+    merged = {k: v.cpu() if out is not None else v for k, v in iter_merged(plan, device=device, out_dtype=out_dtype, progress=progress)}
+    if out is None:
+        return merged
+    from searchmerge.io.writer import write_safetensors_folder
+
+    folder = plan.reference.folder
+    return write_safetensors_folder(
+        merged, out, config_from=folder, extra_files={"searchmerge_recipe.yaml": recipe.to_yaml()}, overwrite=overwrite
+    )

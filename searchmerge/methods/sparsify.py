@@ -1,0 +1,105 @@
+"""Sparsifiers for task vectors: magnitude (TIES), random (DARE), outliers (breadcrumbs), rank-sampled (DELLA).
+
+Each returns a new tensor; inputs are never modified. Semantics follow MergeKit's ``sparsify.py``:
+magnitude keeps exactly ``int(density·numel)`` entries (stable order breaks ties); the random
+sparsifiers draw from the caller's (CPU) generator, so a seed gives the same masks on CPU and CUDA
+and however the tensors are sharded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rescale_masked(delta: torch.Tensor, mask: torch.Tensor, rescale: str, density: float) -> torch.Tensor:
+    """Apply ``mask`` and rescale: ``l1`` matches the L1 norm (MergeKit), ``inverse`` divides by density (DARE)."""
+    masked = delta * mask
+    if rescale == "none":
+        return masked
+    if rescale == "inverse":
+        return masked / density
+    before = delta.abs().sum()
+    after = masked.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked * (before / after)
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """1 for the top ``int(density·numel)`` entries of ``|delta|``, 0 elsewhere."""
+    if density >= 1:
+        return torch.ones_like(delta)
+    k = int(density * delta.numel())
+    mask = torch.zeros_like(delta)
+    if k <= 0:
+        return mask
+    order = torch.argsort(delta.abs().reshape(-1), descending=True, stable=True)[:k]
+    mask.view(-1)[order] = 1
+    return mask
+
+
+def random_mask(delta: torch.Tensor, density: float, rng: torch.Generator | None) -> torch.Tensor:
+    """Bernoulli(density) keep-mask (DARE: keep with probability 1 − p)."""
+    if density >= 1:
+        return torch.ones_like(delta)
+    draws = torch.rand(delta.shape, generator=rng, dtype=torch.float32).to(delta.device)
+    return (draws < density).to(delta.dtype)
+
+
+def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs: drop the top ``gamma`` fraction by magnitude, then the smallest, keeping ``density``."""
+    if density >= 1:
+        return torch.ones_like(delta)
+    n = delta.numel()
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = n - target - n_top
+    if n_bot < 0:
+        n_top += n_bot
+        n_bot = 0
+    order = torch.argsort(delta.abs().reshape(-1), stable=True)
+    mask = torch.zeros_like(delta)
+    keep = order[n_bot : n - n_top] if n_top > 0 else order[n_bot:]
+    mask.view(-1)[keep] = 1
+    return mask
+
+
+def della_mask(delta: torch.Tensor, density: float, epsilon: float, rng: torch.Generator | None) -> torch.Tensor:
+    """DELLA MagPrune: keep probability rises linearly with the magnitude rank within each row."""
+    if density >= 1:
+        return torch.ones_like(delta)
+    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    rows = rows.reshape(rows.shape[0], -1) if rows.dim() > 2 else rows
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(torch.float32) + 1
+    lo = ranks.min(dim=1, keepdim=True).values
+    hi = ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    draws = torch.rand(probs.shape, generator=rng, dtype=torch.float32).to(delta.device)
+    return (draws < probs).to(delta.dtype).reshape(delta.shape)
+
+
+def sparsify(
+    delta: torch.Tensor,
+    *,
+    method: str,
+    density: float,
+    rescale: str = "none",
+    rng: torch.Generator | None = None,
+    gamma: float = 0.01,
+    epsilon: float = 0.15,
+) -> torch.Tensor:
+    """Dispatch to one sparsifier and rescale; ``density >= 1`` returns ``delta`` unchanged (no copy)."""
+    if density >= 1:
+        return delta
+    if method == "magnitude":
+        mask = magnitude_mask(delta, density)
+    elif method == "random":
+        mask = random_mask(delta, density, rng)
+    elif method == "magnitude_outliers":
+        mask = outlier_mask(delta, density, gamma)
+    elif method == "della_magprune":
+        mask = della_mask(delta, density, epsilon, rng)
+    else:
+        raise ValueError(f"unknown sparsification method {method!r}")
+    return rescale_masked(delta, mask, rescale, density)

@@ -1,0 +1,256 @@
+"""Recipes: which models, which method, which parameters — one frozen pydantic model, YAML in and out.
+
+A parameter value is a scalar, a depth gradient (a list of numbers interpolated piecewise-linearly
+over layer index, as MergeKit does) or a list of ``{filter, value}`` conditionals on the tensor name
+(substring match, first match wins, ``filter: null`` / ``"*"`` is the fallback). Per-model values sit
+under ``models[i].parameters``; a global value of a per-model parameter applies to every model.
+Only registered method names are accepted: a recipe never names a class or runs code.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from searchmerge.errors import RecipeError
+from searchmerge.methods.registry import MethodSpec, Param, get_method
+
+Scalar = Union[bool, int, float, str]
+DType = Literal["float32", "float16", "bfloat16", "float64"]
+
+
+class Conditional(BaseModel):
+    """``{filter, value}``: applies ``value`` to tensors whose name contains ``filter``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    filter: str | None = None
+    value: Union[Scalar, list[float]]
+
+
+ParamValue = Union[Scalar, list[float], list[Conditional]]
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    model: str
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class Recipe(BaseModel):
+    """A merge recipe. ``Recipe.from_yaml(r.to_yaml()) == r`` for every valid recipe."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    method: str
+    base_model: str | None = None
+    models: list[ModelEntry]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    dtype: DType = "float32"
+    out_dtype: DType | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        validate_recipe(self)
+        return self
+
+    @property
+    def spec(self) -> MethodSpec:
+        return get_method(self.method)
+
+    @property
+    def model_paths(self) -> list[str]:
+        return [m.model for m in self.models]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_defaults=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "Recipe":
+        data = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise RecipeError("a recipe must be a YAML mapping with `method` and `models`.")
+        return recipe_from_dict(data)
+
+    def with_parameters(self, **params: ParamValue) -> "Recipe":
+        """A copy with global parameters replaced (how a search turns a trial's config into a recipe)."""
+        return recipe_from_dict({**self.to_dict(), "parameters": {**self.parameters, **params}})
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """Validate a plain dict; pydantic's errors come back as one ``RecipeError`` listing every problem."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
+        raise RecipeError("invalid recipe:\n" + "\n".join(lines)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Load our recipe YAML, or a MergeKit config (recognised by its ``merge_method`` key)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    data = yaml.safe_load(path.read_text())
+    if isinstance(data, dict) and "merge_method" in data:
+        from searchmerge.mergekit import from_mergekit
+
+        return from_mergekit(data)
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping with `method` and `models`.")
+    return recipe_from_dict(data)
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+
+def _leaf_values(value: ParamValue) -> list[Any]:
+    """Every scalar a value can resolve to (gradient points, conditional values)."""
+    if isinstance(value, list):
+        out: list[Any] = []
+        for item in value:
+            if isinstance(item, Conditional):
+                out.extend(item.value if isinstance(item.value, list) else [item.value])
+            else:
+                out.append(item)
+        return out
+    return [value]
+
+
+def _check_value(param: Param, value: ParamValue, where: str) -> None:
+    if isinstance(value, list) and param.kind not in (float, int) and not all(isinstance(v, Conditional) for v in value):
+        raise RecipeError(f"{where}: `{param.name}` is {param.kind.__name__}; a gradient list needs a number.")
+    for leaf in _leaf_values(value):
+        param.check(leaf, where)
+
+
+def validate_recipe(recipe: Recipe) -> None:
+    """Check everything that needs no file: method, parameter names, types, ranges, model counts, base."""
+    spec = get_method(recipe.method)
+    n = len(recipe.models)
+    if n < spec.min_models:
+        raise RecipeError(f"method `{spec.name}` needs at least {spec.min_models} model(s) besides the base, got {n}.")
+    if spec.max_models is not None and n > spec.max_models:
+        raise RecipeError(f"method `{spec.name}` takes at most {spec.max_models} model(s) besides the base, got {n}.")
+    if spec.base == "required" and not recipe.base_model:
+        raise RecipeError(f"method `{spec.name}` needs a `base_model`.")
+    if spec.base == "none" and recipe.base_model:
+        raise RecipeError(f"method `{spec.name}` takes no `base_model`.")
+    for name, value in recipe.parameters.items():
+        _check_value(spec.param(name), value, "parameters")
+    for i, entry in enumerate(recipe.models):
+        for name, value in entry.parameters.items():
+            param = spec.param(name)
+            if not param.per_model:
+                raise RecipeError(
+                    f"models[{i}] ({entry.model}): `{name}` is a global parameter of `{spec.name}`; "
+                    "set it under the recipe's `parameters`."
+                )
+            _check_value(param, value, f"models[{i}] ({entry.model})")
+    if spec.prepare is not None and spec.needs_prepare(global_scalars(recipe)):
+        for p in spec.params:
+            if p.per_model:
+                for i in range(n):
+                    v = _raw_value(recipe, p, i)
+                    if isinstance(v, list):
+                        raise RecipeError(
+                            f"models[{i}]: `{p.name}` must be a single value per model for a whole-model "
+                            f"step (e.g. `trim_scope: model`), got {v!r}."
+                        )
+
+
+def _raw_value(recipe: Recipe, param: Param, model_index: int | None) -> ParamValue:
+    if param.per_model and model_index is not None:
+        local = recipe.models[model_index].parameters
+        if param.name in local:
+            return local[param.name]
+    if param.name in recipe.parameters:
+        return recipe.parameters[param.name]
+    return param.default
+
+
+# --- per-tensor resolution ------------------------------------------------------------------------
+
+_LAYER_RE = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+_PRE_LAYER_HINTS = ("embed", "wte", "wpe", "tok_", "patch", "cls_token", "position")
+
+
+def layer_index(name: str) -> int | None:
+    """The first dotted integer in a tensor name (``model.layers.3.mlp`` → 3); ``None`` outside layers."""
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def layer_fraction(name: str, n_layers: int) -> float:
+    """Depth t ∈ [0, 1] of a tensor: ``idx/(L−1)`` in layers; 0 for embeddings, 1 for the other non-layer tensors."""
+    idx = layer_index(name)
+    if idx is None:
+        return 0.0 if any(h in name for h in _PRE_LAYER_HINTS) else 1.0
+    return 0.0 if n_layers <= 1 else min(1.0, idx / (n_layers - 1))
+
+
+def interpolate_gradient(values: list[float], t: float) -> float:
+    """MergeKit's gradient: piecewise-linear over ``len(values)`` evenly spaced knots at depth ``t``."""
+    if len(values) == 1:
+        return values[0]
+    s = t * (len(values) - 1)
+    i0 = int(math.floor(s))
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = s - i0
+    return (1 - frac) * values[i0] + frac * values[i1]
+
+
+_MISSING = object()
+
+
+def evaluate_value(value: ParamValue, name: str, t: float) -> Any:
+    """Resolve one parameter value for tensor ``name`` at depth ``t``; ``_MISSING`` if no conditional matches."""
+    if isinstance(value, list):
+        if value and all(isinstance(v, Conditional) for v in value):
+            for cond in value:
+                if cond.filter in (None, "*") or cond.filter in name:
+                    return evaluate_value(cond.value, name, t)
+            return _MISSING
+        return interpolate_gradient([float(v) for v in value], t)
+    return value
+
+
+def _resolve_one(recipe: Recipe, param: Param, model_index: int | None, name: str, t: float) -> Any:
+    levels: list[ParamValue] = []
+    if param.per_model and model_index is not None and param.name in recipe.models[model_index].parameters:
+        levels.append(recipe.models[model_index].parameters[param.name])
+    if param.name in recipe.parameters:
+        levels.append(recipe.parameters[param.name])
+    for value in levels:
+        out = evaluate_value(value, name, t)
+        if out is not _MISSING:
+            return param.kind(out) if param.kind in (float, int) and not isinstance(out, bool) else out
+    return param.default
+
+
+def resolve_params(recipe: Recipe, name: str, t: float) -> dict[str, Any]:
+    """Parameters for one tensor: scalars for global parameters, lists (one per model) for per-model ones."""
+    spec = recipe.spec
+    out: dict[str, Any] = {}
+    for p in spec.params:
+        if p.per_model:
+            out[p.name] = [_resolve_one(recipe, p, i, name, t) for i in range(len(recipe.models))]
+        else:
+            out[p.name] = _resolve_one(recipe, p, None, name, t)
+    return out
+
+
+def global_scalars(recipe: Recipe) -> dict[str, Any]:
+    """Tensor-independent parameter values (for whole-model steps); gradients/conditionals resolve at t=0."""
+    return resolve_params(recipe, "", 0.0)
