@@ -53,6 +53,12 @@ class Recipe(BaseModel):
     out_dtype: DType | None = None
     seed: int = 0
 
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise RecipeError(_format_validation_error(exc)) from None
+
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
         validate_recipe(self)
@@ -84,17 +90,18 @@ class Recipe(BaseModel):
         return recipe_from_dict({**self.to_dict(), "parameters": {**self.parameters, **params}})
 
 
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
+    return "invalid recipe:\n" + "\n".join(lines)
+
+
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
-    """Validate a plain dict; pydantic's errors come back as one ``RecipeError`` listing every problem."""
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
-        raise RecipeError("invalid recipe:\n" + "\n".join(lines)) from None
+    """Validate a plain dict; every problem comes back in one ``RecipeError``."""
+    return Recipe(**data)
 
 
 def load_recipe(path: str | Path) -> Recipe:

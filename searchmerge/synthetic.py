@@ -31,8 +31,8 @@ def gpt2_config(n_params: int):
     ]
     for limit, kw in presets:
         if n_params <= limit:
-            return GPT2Config(n_positions=128, **kw)
-    return GPT2Config(n_positions=128, **presets[-1][1])
+            return GPT2Config(n_positions=128, bos_token_id=0, eos_token_id=0, **kw)
+    return GPT2Config(n_positions=128, bos_token_id=0, eos_token_id=0, **presets[-1][1])
 
 
 def _task_vector(param: torch.Tensor, gen: torch.Generator, scale: float) -> torch.Tensor:
