@@ -1,0 +1,384 @@
+"""Architecture families: how a folder loads, how inputs are preprocessed, how a backbone + head predicts.
+
+* ``seqcls`` — an encoder (BERT-style, ``AutoModel.from_pretrained``) with mean pooling and one linear
+  head per task (FusionBench's protocol for non-CLIP models: the merged backbone, each task's own head).
+* ``causal_lm_mc`` — a causal LM (``AutoModelForCausalLM.from_pretrained``) answering multiple choice by
+  the summed log-likelihood of each answer's tokens; no heads.
+* ``image`` — the project's MobileNetV2 (torchvision-compatible) features + per-task linear heads.
+* ``mlp`` — a plain MLP trunk on feature vectors + per-task heads (the fixture zoo).
+
+A :class:`BenchModel` is a plain picklable bundle (family name, config, backbone state dict, heads), so
+the same object is evaluated in-process or shipped to Ray actors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from searchmerge.errors import SearchmergeError
+
+FAMILIES: dict[str, "Family"] = {}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_TOKENS = 64
+
+
+def get_family(name: str) -> "Family":
+    if name not in FAMILIES:
+        raise SearchmergeError(f"unknown family `{name}`; families: {sorted(FAMILIES)}.")
+    return FAMILIES[name]
+
+
+def _register(cls: type["Family"]) -> type["Family"]:
+    FAMILIES[cls.name] = cls()
+    return cls
+
+
+def _load_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors file in {folder}")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    return sd
+
+
+def _head_module(h: dict[str, torch.Tensor]) -> nn.Linear:
+    lin = nn.Linear(h["weight"].shape[1], h["weight"].shape[0])
+    with torch.no_grad():
+        lin.weight.copy_(h["weight"].float())
+        lin.bias.copy_(h["bias"].float())
+    return lin.eval()
+
+
+class Family:
+    name = ""
+    needs_heads = True
+
+    def load_folder(self, folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """``(config, backbone state dict)`` of a local model folder; raises if it does not load."""
+        raise NotImplementedError
+
+    def feature_dim(self, config: dict[str, Any]) -> int | None:
+        return None
+
+    def build(self, config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> nn.Module:
+        raise NotImplementedError
+
+    def preprocess(self, task: Any, split: str, base_folder: str) -> dict[str, np.ndarray]:
+        """Model-ready arrays for one split of one task (zero is padding in every array)."""
+        raise NotImplementedError
+
+    def features(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict(self, module: nn.Module, head: nn.Module | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return head(self.features(module, batch)).argmax(-1)
+
+
+# --- mlp (fixture zoo) ------------------------------------------------------------------------------
+
+
+class MLPTrunk(nn.Module):
+    def __init__(self, sizes: list[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(len(sizes) - 1):
+            layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@_register
+class MLPFamily(Family):
+    name = "mlp"
+
+    def load_folder(self, folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        config = json.loads((folder / "config.json").read_text())
+        if config.get("model_type") != "searchmerge_mlp":
+            raise ValueError(f"config.json model_type is {config.get('model_type')!r}, expected 'searchmerge_mlp'")
+        sd = _load_safetensors_folder(folder)
+        self.build(config, sd)  # strict load check
+        return config, sd
+
+    def feature_dim(self, config: dict[str, Any]) -> int | None:
+        return int(config["sizes"][-1])
+
+    def build(self, config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> nn.Module:
+        m = MLPTrunk(list(config["sizes"]))
+        m.load_state_dict(state_dict, strict=True)
+        return m.eval()
+
+    def preprocess(self, task: Any, split: str, base_folder: str) -> dict[str, np.ndarray]:
+        return {"x": np.asarray(task.splits[split].inputs, dtype=np.float32)}
+
+    def features(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return module(batch["x"])
+
+
+# --- image (MobileNetV2, torchvision-compatible) -------------------------------------------------------
+
+
+def _div(v: float, d: int = 8) -> int:
+    n = max(d, int(v + d / 2) // d * d)
+    return n + d if n < 0.9 * v else n
+
+
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, i: int, o: int, k: int = 3, st: int = 1, g: int = 1) -> None:
+        super().__init__(nn.Conv2d(i, o, k, st, (k - 1) // 2, groups=g, bias=False), nn.BatchNorm2d(o), nn.ReLU6(inplace=True))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, i: int, o: int, st: int, e: int) -> None:
+        super().__init__()
+        h = int(round(i * e))
+        self.use_res = st == 1 and i == o
+        layers: list[nn.Module] = [] if e == 1 else [ConvBNReLU(i, h, 1)]
+        self.conv = nn.Sequential(*layers, ConvBNReLU(h, h, st=st, g=h), nn.Conv2d(h, o, 1, 1, 0, bias=False), nn.BatchNorm2d(o))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """torchvision's MobileNetV2 layout (loads ``mobilenet_v2-b0353104.pth`` with ``strict=True``)."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        c, feats = 32, [ConvBNReLU(3, 32, st=2)]
+        for t, ch, n, st in [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]:
+            for j in range(n):
+                feats.append(InvertedResidual(c, ch, st if j == 0 else 1, t))
+                c = ch
+        feats.append(ConvBNReLU(c, 1280, 1))
+        self.features = nn.Sequential(*feats)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.forward_features(x))
+
+
+class MobileNetV2Backbone(nn.Module):
+    """MobileNetV2 without the ImageNet classifier: the merged part of the image zoo."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = MobileNetV2().features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+
+
+def images_to_tensor(images: list[Any], size: int) -> torch.Tensor:
+    """Grey or RGB images (nested lists, or flat square lists), values in [0, 1] or [0, 255] -> normalised [N,3,S,S]."""
+    arr = [np.asarray(im, dtype=np.float32) for im in images]
+    out = []
+    for a in arr:
+        if a.ndim == 1:
+            s = int(round(np.sqrt(a.size)))
+            if s * s != a.size:
+                raise ValueError(f"flat image of {a.size} values is not square")
+            a = a.reshape(s, s)
+        if a.ndim == 2:
+            a = np.repeat(a[None], 3, axis=0)
+        elif a.ndim == 3 and a.shape[-1] in (1, 3) and a.shape[0] not in (1, 3):
+            a = np.transpose(a, (2, 0, 1))
+        if a.shape[0] == 1:
+            a = np.repeat(a, 3, axis=0)
+        out.append(torch.from_numpy(np.ascontiguousarray(a)))
+    x = torch.stack(out)
+    if float(x.max()) > 1.5:
+        x = x / 255.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@_register
+class ImageFamily(Family):
+    name = "image"
+
+    def load_folder(self, folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        config = json.loads((folder / "config.json").read_text())
+        if config.get("model_type") != "searchmerge_mobilenet_v2":
+            raise ValueError(f"config.json model_type is {config.get('model_type')!r}, expected 'searchmerge_mobilenet_v2'")
+        sd = _load_safetensors_folder(folder)
+        self.build(config, sd)
+        return config, sd
+
+    def feature_dim(self, config: dict[str, Any]) -> int | None:
+        return 1280
+
+    def build(self, config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> nn.Module:
+        m = MobileNetV2Backbone()
+        m.load_state_dict(state_dict, strict=True)
+        return m.eval()
+
+    def preprocess(self, task: Any, split: str, base_folder: str) -> dict[str, np.ndarray]:
+        cfg = json.loads((Path(base_folder) / "config.json").read_text())
+        x = images_to_tensor(task.splits[split].inputs, int(cfg.get("image_size", 32)))
+        return {"pixels": x.numpy()}
+
+    def features(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return module(batch["pixels"])
+
+
+# --- transformers families ------------------------------------------------------------------------
+
+
+def _config_from_dict(config: dict[str, Any]):  # noqa: ANN202
+    from transformers import AutoConfig
+
+    cfg = dict(config)
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+def _tokenizer(base_folder: str):  # noqa: ANN202
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_folder)
+
+
+@_register
+class SeqClsFamily(Family):
+    name = "seqcls"
+
+    def load_folder(self, folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(str(folder))
+        cfg = model.config.to_dict()
+        return cfg, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def feature_dim(self, config: dict[str, Any]) -> int | None:
+        return int(config["hidden_size"])
+
+    def build(self, config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> nn.Module:
+        from transformers import AutoModel
+
+        model = AutoModel.from_config(_config_from_dict(config))
+        model.load_state_dict(state_dict, strict=True)
+        return model.eval()
+
+    def preprocess(self, task: Any, split: str, base_folder: str) -> dict[str, np.ndarray]:
+        tok = _tokenizer(base_folder)
+        enc = tok([str(t) for t in task.splits[split].inputs], padding=True, truncation=True,
+                  max_length=MAX_TOKENS, return_tensors="np")
+        return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+
+    def features(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = batch["attention_mask"]
+        n = int(mask.sum(1).max())  # drop all-padding columns (results are unchanged)
+        ids, mask = batch["input_ids"][:, :n], mask[:, :n]
+        h = module(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+@_register
+class CausalMCFamily(Family):
+    name = "causal_lm_mc"
+    needs_heads = False
+
+    def load_folder(self, folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(folder))
+        cfg = model.config.to_dict()
+        return cfg, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def build(self, config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(_config_from_dict(config))
+        model.load_state_dict(state_dict, strict=True)
+        return model.eval()
+
+    def preprocess(self, task: Any, split: str, base_folder: str) -> dict[str, np.ndarray]:
+        tok = _tokenizer(base_folder)
+        s = task.splits[split]
+        rows = []
+        for i, prompt in enumerate(s.inputs):
+            choices = s.choices[i] if s.choices is not None else task.spec.choices
+            p_ids = tok(str(prompt), add_special_tokens=False)["input_ids"]
+            seqs = []
+            for ch in choices:
+                a_ids = tok(" " + str(ch), add_special_tokens=False)["input_ids"]
+                ids = (p_ids + a_ids)[-MAX_TOKENS:]
+                n_ans = min(len(a_ids), len(ids) - 1)
+                seqs.append((ids, n_ans))
+            rows.append(seqs)
+        k = max(len(r) for r in rows)
+        L = max(len(ids) for r in rows for ids, _ in r)
+        ids_arr = np.zeros((len(rows), k, L), np.int64)
+        att = np.zeros((len(rows), k, L), np.int64)
+        ans = np.zeros((len(rows), k, L), np.int64)
+        for i, r in enumerate(rows):
+            for j, (ids, n_ans) in enumerate(r):
+                ids_arr[i, j, : len(ids)] = ids
+                att[i, j, : len(ids)] = 1
+                ans[i, j, len(ids) - n_ans : len(ids)] = 1
+        return {"input_ids": ids_arr, "attention_mask": att, "answer_mask": ans}
+
+    def predict(self, module: nn.Module, head: nn.Module | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids, att, ans = batch["input_ids"], batch["attention_mask"], batch["answer_mask"]
+        b, k, L = ids.shape
+        ids, att, ans = ids.reshape(b * k, L), att.reshape(b * k, L), ans.reshape(b * k, L)
+        valid = att.sum(1) > 0
+        logits = module(input_ids=ids, attention_mask=att.clamp_min(0)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        score = (logp * ans[:, 1:].to(logp.dtype)).sum(1)
+        score = torch.where(valid, score, torch.full_like(score, float("-inf")))
+        return score.reshape(b, k).argmax(-1)
+
+
+# --- the model bundle -----------------------------------------------------------------------------
+
+
+@dataclass
+class BenchModel:
+    """A backbone state dict + the task heads, evaluable in-process or on Ray actors (picklable)."""
+
+    family: str
+    config: dict[str, Any]
+    backbone: dict[str, torch.Tensor]
+    heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    base_folder: str = ""
+    name: str = "model"
+
+    def runner(self) -> "Runner":
+        fam = get_family(self.family)
+        return Runner(fam, fam.build(self.config, self.backbone), {t: _head_module(h) for t, h in self.heads.items()})
+
+
+@dataclass
+class Runner:
+    family: Family
+    module: nn.Module
+    heads: dict[str, nn.Module]
+
+    @torch.inference_mode()
+    def predict(self, task: str, batch: dict[str, np.ndarray]) -> np.ndarray:
+        tb = {k: torch.as_tensor(np.ascontiguousarray(v)) for k, v in batch.items()}
+        head = self.heads.get(task)
+        if self.family.needs_heads and head is None:
+            raise SearchmergeError(f"no head for task `{task}`")
+        return self.family.predict(self.module, head, tb).cpu().numpy().astype(np.int64)
