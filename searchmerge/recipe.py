@@ -190,7 +190,6 @@ def _raw_value(recipe: Recipe, param: Param, model_index: int | None) -> ParamVa
 # --- per-tensor resolution ------------------------------------------------------------------------
 
 _LAYER_RE = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-_PRE_LAYER_HINTS = ("embed", "wte", "wpe", "tok_", "patch", "cls_token", "position")
 
 
 def layer_index(name: str) -> int | None:
@@ -200,11 +199,12 @@ def layer_index(name: str) -> int | None:
 
 
 def layer_fraction(name: str, n_layers: int) -> float:
-    """Depth t ∈ [0, 1] of a tensor: ``idx/(L−1)`` in layers; 0 for embeddings, 1 for the other non-layer tensors."""
+    """Depth t ∈ [0, 1] of a tensor, as MergeKit's planner: ``idx/(L−1)`` inside layers (1 when L = 1),
+    and 0 for tensors outside the layers (embeddings, final norm, head)."""
     idx = layer_index(name)
     if idx is None:
-        return 0.0 if any(h in name for h in _PRE_LAYER_HINTS) else 1.0
-    return 0.0 if n_layers <= 1 else min(1.0, idx / (n_layers - 1))
+        return 0.0
+    return 1.0 if n_layers <= 1 else min(1.0, idx / (n_layers - 1))
 
 
 def interpolate_gradient(values: list[float], t: float) -> float:

@@ -55,7 +55,8 @@ def test_gradient_interpolates_over_layers_like_mergekit():
     assert interpolate_gradient([1.0, 0.7, 0.1], 1.0) == pytest.approx(0.1)
     assert [layer_fraction(f"model.layers.{i}.mlp.weight", 5) for i in range(5)] == [0, 0.25, 0.5, 0.75, 1]
     assert layer_fraction("model.embed_tokens.weight", 5) == 0.0
-    assert layer_fraction("lm_head.weight", 5) == 1.0
+    assert layer_fraction("lm_head.weight", 5) == 0.0  # MergeKit plans non-layer tensors at t=0
+    assert layer_fraction("model.layers.0.mlp.weight", 1) == 1.0
 
 
 def test_conditionals_first_match_wins_then_fallback_then_global():
@@ -66,8 +67,8 @@ def test_conditionals_first_match_wins_then_fallback_then_global():
                parameters={"weight": 0.5, "lambda": [{"filter": "attn", "value": 2.0}, {"filter": "*", "value": 1.0}]})
     assert resolve_params(r, "h.0.attn.w", 0.0) == {"weight": [0.1, 0.5], "lambda": 2.0, "normalize": False}
     assert resolve_params(r, "h.0.mlp.w", 0.5)["weight"] == [0.5, 0.5]
-    assert resolve_params(r, "ln_f.weight", 1.0)["weight"] == [0.5, 0.5]  # no match -> global value
-    assert resolve_params(r, "ln_f.weight", 1.0)["lambda"] == 1.0
+    assert resolve_params(r, "ln_f.weight", 0.0)["weight"] == [0.5, 0.5]  # no match -> global value
+    assert resolve_params(r, "ln_f.weight", 0.0)["lambda"] == 1.0
 
 
 MERGEKIT_TIES = """
