@@ -264,3 +264,22 @@ def test_inputs_never_mutated_and_buffers_pass_through(method):
     for k, v in out.items():
         assert v.shape == base[k].shape and v.dtype == base[k].dtype
         assert torch.isfinite(v.float()).all(), (method, k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", _all_methods())
+def test_cuda_merge_matches_cpu(method):
+    spec = get_method(method)
+    n = spec.max_models if spec.max_models is not None else 3
+    base = tiny_state(5)
+    fts = [perturbed(base, 0.1, s) for s in range(n)]
+    params = {"density": 0.5} if any(p.name == "density" for p in spec.params) else {}
+    if method in ("della", "della_linear"):
+        params["epsilon"] = 0.1
+    recipe = Recipe(method=method, base_model=None if spec.base == "none" else "b",
+                    models=[{"model": f"m{i}"} for i in range(n)], parameters=params)
+    cpu = merge(recipe, base=base, models=fts)
+    gpu = merge(recipe, base=base, models=fts, device="cuda")
+    for k in cpu:
+        assert gpu[k].device.type == "cuda"
+        assert torch.allclose(gpu[k].cpu().float(), cpu[k].float(), atol=1e-4, rtol=1e-4), (method, k)
