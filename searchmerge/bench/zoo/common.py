@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -29,10 +28,10 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "searchmerge"
 
 
-def definition_hash(definition: dict[str, Any], module: Any) -> str:
-    """Hash of a zoo's definition dict and its builder's source: any change rebuilds the zoo."""
-    src = inspect.getsource(module) + inspect.getsource(__import__(__name__, fromlist=["x"]))
-    blob = json.dumps(definition, sort_keys=True, default=str) + src
+def definition_hash(definition: dict[str, Any], module: Any = None) -> str:
+    """Hash of a zoo's definition dict (tasks, hyper-parameters, seeds, source package paths, a ``version``
+    bumped whenever the build code changes what it produces): a changed definition rebuilds the zoo."""
+    blob = json.dumps(definition, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -113,9 +112,14 @@ def progress_bar(enabled: bool, label: str, total: int) -> Iterator[Callable[...
 
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as prog:
         task = prog.add_task(label, total=total)
+        last = [label]
 
         def advance(n: int = 1, description: str | None = None) -> None:
-            prog.update(task, advance=n, description=description or label)
+            if description is not None and description != last[0]:
+                last[0] = description
+                if not prog.console.is_terminal:
+                    prog.console.print(description)
+            prog.update(task, advance=n, description=description or last[0])
 
         yield advance
 
