@@ -21,8 +21,11 @@ from searchmerge.bench.metrics import get_metric
 from searchmerge.bench.pool import SPLITS, BenchSpecError, TaskPool
 
 
+MAX_PREFIX_ENTRIES = 3  # distinct cached prefixes kept per task pool (base + a couple of others)
+
+
 def task_features(model: BenchModel, taskpool: TaskPool, task: str, split: str) -> dict[str, np.ndarray]:
-    """Preprocessed arrays for one task split, computed once and cached on the task pool."""
+    """Preprocessed arrays for one task split (tokenised / normalised), computed once and cached."""
     from searchmerge.bench.families import get_family
 
     key = (model.family, model.base_folder, task, split)
@@ -30,6 +33,41 @@ def task_features(model: BenchModel, taskpool: TaskPool, task: str, split: str) 
     if key not in cache:
         cache[key] = get_family(model.family).preprocess(taskpool.tasks[task], split, model.base_folder)
     return cache[key]
+
+
+def model_features(model: BenchModel, taskpool: TaskPool, tasks: Sequence[str], split: str) -> tuple[dict[str, dict[str, np.ndarray]], str]:
+    """The arrays the model's runner consumes, per task, and a cache key for them.
+
+    With ``prefix_layers`` set (seqcls), the output of the model's frozen prefix is cached per hash of the
+    prefix weights: every model sharing the prefix (e.g. the base, fine-tuned-above-layer-k models and
+    their delta merges) reuses it and runs only the top layers.
+    """
+    from searchmerge.bench.families import get_family
+
+    base = {t: task_features(model, taskpool, t, split) for t in tasks}
+    ph = model.prefix_hash()
+    if ph is None:
+        return base, "plain"
+    fam = get_family(model.family)
+    cache = taskpool._features
+    order: list[str] = cache.setdefault(("prefix-order",), [])  # type: ignore[arg-type]
+    module = None
+    out = {}
+    for t in tasks:
+        key = (model.family, model.base_folder, t, split, "prefix", model.prefix_layers, ph)
+        if key not in cache:
+            if module is None:
+                module = model.runner().module
+            cache[key] = fam.prefix_features(module, base[t], int(model.prefix_layers))  # type: ignore[arg-type]
+        out[t] = cache[key]
+    if ph in order:
+        order.remove(ph)
+    order.append(ph)
+    while len(order) > MAX_PREFIX_ENTRIES:
+        old = order.pop(0)
+        for k in [k for k in cache if len(k) == 7 and k[-1] == old]:
+            del cache[k]
+    return out, ph
 
 
 def _chunks(taskpool: TaskPool, split: str, tasks: Sequence[str], batch_size: int) -> list[tuple[str, int, int]]:
@@ -98,23 +136,23 @@ def iter_evaluate(
 ) -> Iterator[dict[str, Any]]:
     """Yield running metrics after each chunk; the last item is the final result (with ``"metric"``)."""
     tasks = _check(taskpool, split, tasks)
-    for t in tasks:  # preprocess once (cached), before any model work
-        task_features(model, taskpool, t, split)
+    if backend not in ("local", "ray"):
+        raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+    feats_all, feats_key = model_features(model, taskpool, tasks, split)  # once (cached), before model work
     chunks = _chunks(taskpool, split, tasks, batch_size)
     scorer = _Scorer(taskpool, split, tasks)
     if backend == "local":
         runner = model.runner()
         for t, s, e in chunks:
-            feats = task_features(model, taskpool, t, split)
+            feats = feats_all[t]
             scorer.add(t, np.arange(s, e), runner.predict(t, {k: v[s:e] for k, v in feats.items()}))
             yield scorer.report()
-    elif backend == "ray":
-        for batch in _ray_stream(model, taskpool, split, tasks, chunks, num_actors, num_threads or 1):
+    else:
+        stream = _ray_stream(model, taskpool, split, tasks, chunks, num_actors, num_threads or 1, feats_all, feats_key)
+        for batch in stream:
             for t_i, idx, pred in zip(batch["task"], batch["idx"], batch["pred"]):
                 scorer.add(tasks[int(t_i)], np.asarray([idx]), np.asarray([pred]))
             yield scorer.report()
-    else:
-        raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
     yield scorer.report(final=True)
 
 
@@ -158,20 +196,24 @@ class RayPredictor:
 _FEATURE_REFS: dict[tuple[Any, ...], Any] = {}
 
 
-def _features_ref(model: BenchModel, taskpool: TaskPool, split: str, tasks: list[str]):  # noqa: ANN202
+def _features_ref(model: BenchModel, taskpool: TaskPool, split: str, tasks: list[str],
+                   feats: dict[str, dict[str, np.ndarray]], feats_key: str):  # noqa: ANN202
     """The cached features of these tasks, put in the object store once per Ray session."""
     import ray
 
     session = ray.get_runtime_context().get_job_id()
-    key = (session, id(taskpool._features), model.family, model.base_folder, split, tuple(tasks))
+    key = (session, id(taskpool._features), model.family, model.base_folder, split, tuple(tasks), feats_key)
     if key not in _FEATURE_REFS:
-        _FEATURE_REFS[key] = ray.put({t: task_features(model, taskpool, t, split) for t in tasks})
+        if len(_FEATURE_REFS) >= 8:  # keep the object store bounded
+            _FEATURE_REFS.pop(next(iter(_FEATURE_REFS)))
+        _FEATURE_REFS[key] = ray.put(feats)
     return _FEATURE_REFS[key]
 
 
 def _ray_stream(
     model: BenchModel, taskpool: TaskPool, split: str, tasks: list[str],
     chunks: list[tuple[str, int, int]], num_actors: int, num_threads: int,
+    feats: dict[str, dict[str, np.ndarray]], feats_key: str,
 ) -> Iterator[dict[str, np.ndarray]]:
     import ray
     import ray.data
@@ -190,7 +232,7 @@ def _ray_stream(
         batch_format="numpy",
         fn_constructor_kwargs={
             "model": ray.put(model),
-            "features": _features_ref(model, taskpool, split, tasks),
+            "features": _features_ref(model, taskpool, split, tasks, feats, feats_key),
             "tasks": tasks,
             "num_threads": num_threads,
         },

@@ -83,6 +83,13 @@ class Family:
     def features(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    def prefix_keys(self, state_dict: dict[str, torch.Tensor], k: int) -> list[str]:
+        """Tensors that determine the cached prefix output (families without prefix caching: none)."""
+        return []
+
+    def prefix_features(self, module: nn.Module, feats: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError(f"family `{self.name}` has no prefix cache")
+
     def predict(self, module: nn.Module, head: nn.Module | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return head(self.features(module, batch)).argmax(-1)
 
@@ -287,10 +294,39 @@ class SeqClsFamily(Family):
     def features(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         mask = batch["attention_mask"]
         n = int(mask.sum(1).max())  # drop all-padding columns (results are unchanged)
-        ids, mask = batch["input_ids"][:, :n], mask[:, :n]
-        h = module(input_ids=ids, attention_mask=mask).last_hidden_state
+        mask = mask[:, :n]
+        if "hidden" in batch:  # cached prefix output: run the remaining layers only
+            h = batch["hidden"][:, :n]
+            k = int(batch["prefix_layers"].reshape(-1)[0])
+            ext = (1.0 - mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+            for layer in module.encoder.layer[k:]:
+                r = layer(h, attention_mask=ext)
+                h = r[0] if isinstance(r, tuple) else r
+        else:
+            h = module(input_ids=batch["input_ids"][:, :n], attention_mask=mask).last_hidden_state
         m = mask.unsqueeze(-1).to(h.dtype)
         return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def prefix_keys(self, state_dict: dict[str, torch.Tensor], k: int) -> list[str]:
+        lower = tuple(f"encoder.layer.{i}." for i in range(k))
+        return [key for key in state_dict if key.startswith("embeddings.") or key.startswith(lower)]
+
+    @torch.inference_mode()
+    def prefix_features(self, module: nn.Module, feats: dict[str, np.ndarray], k: int, batch: int = 64) -> dict[str, np.ndarray]:
+        """Output of embeddings + layers < k for every row, zero-padded to the split's width."""
+        ids, mask = feats["input_ids"], feats["attention_mask"]
+        full = module.encoder.layer
+        module.encoder.layer = full[:k]
+        try:
+            hidden = np.zeros((ids.shape[0], ids.shape[1], module.config.hidden_size), np.float32)
+            for s in range(0, len(ids), batch):
+                m = torch.as_tensor(mask[s:s + batch])
+                n = int(m.sum(1).max())
+                h = module(input_ids=torch.as_tensor(ids[s:s + batch, :n]), attention_mask=m[:, :n]).last_hidden_state
+                hidden[s:s + batch, :n] = (h * m[:, :n].unsqueeze(-1)).numpy()
+        finally:
+            module.encoder.layer = full
+        return {"hidden": hidden, "attention_mask": mask, "prefix_layers": np.full(len(ids), k, np.int64)}
 
 
 @_register
@@ -363,6 +399,24 @@ class BenchModel:
     heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     base_folder: str = ""
     name: str = "model"
+    prefix_layers: int | None = None
+
+    def prefix_hash(self) -> str | None:
+        """Hash of the tensors behind the cached prefix (None: no prefix caching for this model)."""
+        if not self.prefix_layers:
+            return None
+        import hashlib
+
+        keys = get_family(self.family).prefix_keys(self.backbone, self.prefix_layers)
+        if not keys:
+            return None
+        h = hashlib.blake2b(digest_size=16)
+        for key in sorted(keys):
+            t = self.backbone[key].detach().contiguous().cpu()
+            h.update(key.encode())
+            h.update(str(t.dtype).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
 
     def runner(self) -> "Runner":
         fam = get_family(self.family)

@@ -83,6 +83,9 @@ class ModelPoolSpec(BaseModel):
     base: str
     finetuned: dict[str, str] = Field(default_factory=dict)  # task name -> fine-tuned folder
     heads: dict[str, str] = Field(default_factory=dict)  # task name -> safetensors {weight, bias}
+    # seqcls only: the output of the embeddings + the first N layers is cached per distinct weights of that
+    # prefix (hashed), so models that share it (zoos fine-tuned above layer N) run only the top layers.
+    cache_prefix_layers: int | None = Field(default=None, ge=1)
     root: str | None = None
 
     def path(self, p: str) -> Path:
@@ -302,6 +305,7 @@ class ModelPool:
         return BenchModel(
             family=self.spec.family, config=self.config, backbone=state_dict if state_dict is not None else self.base,
             heads=self.heads, base_folder=str(self.spec.path(self.spec.base)), name=name,
+            prefix_layers=self.spec.cache_prefix_layers,
         )
 
 

@@ -177,3 +177,32 @@ def test_image_family_tiny_mobilenet(tmp_path):
         h = b.modelpool.heads["t"]
         pred = (bb(x) @ h["weight"].T + h["bias"]).argmax(-1).numpy()
     assert res["per_task"]["t"] == pytest.approx(float((pred == np.array([r["label"] for r in rows])).mean()))
+
+
+def test_seqcls_prefix_cache_gives_same_metrics(tiny_bert, tmp_path):
+    """Cached output of the frozen lower layers + top layers only == full forward (same metrics)."""
+    from transformers import BertModel
+
+    spec = yaml.safe_load(tiny_bert.read_text())
+    root = tiny_bert.parent
+    base = BertModel.from_pretrained(root / "base")
+    for i, t in enumerate(["sent", "topic"]):  # fine-tuned above layer 1 only
+        sd = base.state_dict()
+        top = _perturbed({k: v for k, v in sd.items() if k.startswith("encoder.layer.1.")}, 10 + i, 0.2)
+        m = BertModel(base.config)
+        m.load_state_dict({**sd, **top})
+        m.save_pretrained(tmp_path / f"ft_{t}")
+        spec["modelpool"]["finetuned"][t] = str(tmp_path / f"ft_{t}")
+    from searchmerge.bench.pool import parse_bench_spec
+
+    plain = load_bench(parse_bench_spec(spec))
+    cached = load_bench(parse_bench_spec({**spec, "modelpool": {**spec["modelpool"], "cache_prefix_layers": 1}}))
+    names = ["sent", "topic"]
+    for b in (plain, cached):
+        mp = b.modelpool
+        sd = merge(Recipe(method="ties", base_model="b", models=[{"model": n} for n in names],
+                          parameters={"density": 0.5, "lambda": 0.7}), base=mp.base, models=[mp.finetuned[n] for n in names])
+        b.results = [evaluate(mp.model(s), b.taskpool, "test", batch_size=9) for s in (mp.base, mp.finetuned["sent"], sd)]
+    assert cached.results == plain.results
+    prefixed = [k for k in cached.taskpool._features if len(k) == 7]
+    assert len({k[-1] for k in prefixed}) == 1  # base, fine-tuned and merged share one cached prefix

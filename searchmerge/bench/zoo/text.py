@@ -308,7 +308,8 @@ def _build(folder: Path, progress: bool) -> None:
                 "validation": f"data/{name}/validation.parquet", "test": f"data/{name}/test.parquet",
                 "metric": "accuracy",
             })
-    spec = {"name": "text", "modelpool": {"family": "seqcls", "base": str(base), "finetuned": finetuned, "heads": heads},
+    spec = {"name": "text", "modelpool": {"family": "seqcls", "base": str(base), "finetuned": finetuned, "heads": heads,
+                                          "cache_prefix_layers": L},
             "taskpool": {"tasks": tasks_yaml}}
     (folder / "bench.yaml").write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
 
