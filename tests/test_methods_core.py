@@ -283,3 +283,17 @@ def test_cuda_merge_matches_cpu(method):
     for k in cpu:
         assert gpu[k].device.type == "cuda"
         assert torch.allclose(gpu[k].cpu().float(), cpu[k].float(), atol=1e-4, rtol=1e-4), (method, k)
+
+
+def test_magnitude_mask_equals_stable_argsort_top_k():
+    from searchmerge.methods.sparsify import magnitude_mask
+
+    g = torch.Generator().manual_seed(0)
+    for density in (0.05, 0.2, 0.5, 0.93):
+        delta = torch.randint(-5, 6, (37, 11), generator=g).float()  # many ties
+        k = int(density * delta.numel())
+        order = torch.argsort(delta.abs().reshape(-1), descending=True, stable=True)[:k]
+        expected = torch.zeros(delta.numel())
+        expected[order] = 1
+        got = magnitude_mask(delta, density)
+        assert torch.equal(got.reshape(-1), expected) and int(got.sum()) == k

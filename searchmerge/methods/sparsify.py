@@ -1,7 +1,7 @@
 """Sparsifiers for task vectors: magnitude (TIES), random (DARE), outliers (breadcrumbs), rank-sampled (DELLA).
 
 Each returns a new tensor; inputs are never modified. Semantics follow MergeKit's ``sparsify.py``:
-magnitude keeps exactly ``int(density·numel)`` entries (stable order breaks ties); the random
+magnitude keeps exactly ``int(density·numel)`` entries (ties at the cut go to the lower index); the random
 sparsifiers draw from the caller's (CPU) generator, so a seed gives the same masks on CPU and CUDA
 and however the tensors are sharded.
 """
@@ -26,16 +26,23 @@ def rescale_masked(delta: torch.Tensor, mask: torch.Tensor, rescale: str, densit
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """1 for the top ``int(density·numel)`` entries of ``|delta|``, 0 elsewhere."""
+    """1 for the top ``int(density·numel)`` entries of ``|delta|``, 0 elsewhere.
+
+    Equal to a stable descending argsort's first k (ties at the cut go to the lower index), found with
+    one O(n) ``kthvalue`` selection instead of a full sort.
+    """
     if density >= 1:
         return torch.ones_like(delta)
     k = int(density * delta.numel())
-    mask = torch.zeros_like(delta)
     if k <= 0:
-        return mask
-    order = torch.argsort(delta.abs().reshape(-1), descending=True, stable=True)[:k]
-    mask.view(-1)[order] = 1
-    return mask
+        return torch.zeros_like(delta)
+    w = delta.abs().reshape(-1)
+    cut = w.kthvalue(w.numel() - k + 1).values  # the k-th largest magnitude
+    keep = w > cut
+    missing = k - int(keep.sum())
+    if missing > 0:  # fill with the lowest-index entries equal to the cut
+        keep[torch.nonzero(w == cut).squeeze(1)[:missing]] = True
+    return keep.reshape(delta.shape).to(delta.dtype)
 
 
 def random_mask(delta: torch.Tensor, density: float, rng: torch.Generator | None) -> torch.Tensor:
