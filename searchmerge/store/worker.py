@@ -1,0 +1,341 @@
+"""One shard of the resident store: base tensors and task vectors for a subset of tensor names.
+
+A plain class; :mod:`searchmerge.store.store` wraps it as a Ray actor. It loads its tensors straight from
+the checkpoints (or from state dicts the driver put into the object store once), so a restarted actor
+rebuilds itself. Nothing here ever writes into ``self.base`` or ``self.taus``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import resource
+from collections import OrderedDict
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from searchmerge.io.checkpoint import StateDictReader, open_checkpoint
+from searchmerge.merge import DTYPES, merge_tensor, tensor_rng
+from searchmerge.recipe import Recipe, global_scalars, layer_fraction, resolve_params
+from searchmerge.store.stages import (
+    Sparse,
+    Stage,
+    apply_stage_parts,
+    combine,
+    compact,
+    from_numpy,
+    pack_mask,
+    split_gta,
+    to_numpy,
+)
+
+F32 = torch.float32
+
+
+class LRU:
+    """A byte-bounded least-recently-used cache that never evicts what the current trial already used.
+
+    Plain LRU thrashes when one trial's masks do not all fit (every lookup misses); here an insertion that
+    would evict an entry of the current trial is dropped instead, so the part that fits keeps hitting.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = int(capacity)
+        self.items: OrderedDict[Any, list] = OrderedDict()  # key -> [value, nbytes, epoch]
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.epoch = 0
+
+    def new_trial(self) -> None:
+        self.epoch += 1
+
+    def get(self, key: Any) -> Any:
+        entry = self.items.get(key)
+        if entry is not None:
+            self.items.move_to_end(key)
+            entry[2] = self.epoch
+            self.hits += 1
+            return entry[0]
+        self.misses += 1
+        return None
+
+    def put(self, key: Any, value: Any, nbytes: int) -> None:
+        if nbytes > self.capacity:
+            return
+        if key in self.items:
+            self.bytes -= self.items.pop(key)[1]
+        while self.bytes + nbytes > self.capacity:
+            oldest = next(iter(self.items.values()))
+            if oldest[2] == self.epoch:
+                return  # full of this trial's entries: keep them, skip this one
+            self.bytes -= self.items.popitem(last=False)[1][1]
+        self.items[key] = [value, nbytes, self.epoch]
+        self.bytes += nbytes
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.bytes = 0
+
+
+def _reader(src: Any, allow_pickle: bool):
+    if isinstance(src, dict):  # {name: (dtype tag, ndarray)} from the object store
+        return StateDictReader({k: from_numpy(v) for k, v in src.items()})
+    return open_checkpoint(src, allow_pickle=allow_pickle)
+
+
+class ShardWorker:
+    """Holds θ₀ and τ_i = θ_i − θ₀ (in ``residency_dtype``) for ``names``; merges them per recipe."""
+
+    def __init__(
+        self,
+        base_src: Any,
+        model_srcs: Sequence[Any],
+        names: Sequence[str],
+        n_layers: int,
+        residency_dtype: str = "float32",
+        device: str = "cpu",
+        threads: int = 1,
+        cache_bytes: int = 0,
+        chunk_elems: int = 1 << 16,
+        allow_pickle: bool = False,
+    ) -> None:
+        import ray
+
+        torch.set_num_threads(max(1, int(threads)))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        srcs = [ray.get(s) if isinstance(s, ray.ObjectRef) else s for s in [base_src, *model_srcs]]
+        base = _reader(srcs[0], allow_pickle)
+        models = [_reader(s, allow_pickle) for s in srcs[1:]]
+        res = DTYPES[residency_dtype]
+        self.names = list(names)
+        self.n_layers = n_layers
+        self.chunk = max(8, int(chunk_elems) // 8 * 8)
+        self.base: dict[str, torch.Tensor] = {}
+        self.taus: dict[str, list[torch.Tensor]] = {}
+        with torch.no_grad():
+            for k in self.names:
+                b = base.get(k, self.device).clone()  # owned (state dict sources are read-only views)
+                b32 = b.to(F32)
+                self.base[k] = b
+                self.taus[k] = [(m.get(k, self.device).to(F32) - b32).to(res) for m in models]
+        self.resident_bytes = sum(
+            t.numel() * t.element_size() for k in self.names for t in [self.base[k], *self.taus[k]]
+        )
+        self.cache = LRU(cache_bytes)
+        self.evaluator: torch.nn.Module | None = None
+        self._ev_sd: dict[str, torch.Tensor] = {}
+        self.merges = 0
+
+    # --- info -------------------------------------------------------------------------------------
+
+    def ready(self) -> dict[str, Any]:
+        import os
+
+        return {"pid": os.getpid(), "device": str(self.device), "resident_bytes": self.resident_bytes}
+
+    def ping(self, delay: float = 0.0) -> int:
+        """Liveness probe (``delay`` seconds: a stand-in for a long call in fault tests)."""
+        import os
+        import time
+
+        time.sleep(delay)
+        return os.getpid()
+
+    def stats(self) -> dict[str, Any]:
+        import os
+
+        ev_bytes = 0
+        if self.evaluator is not None:
+            ev_bytes = sum(t.numel() * t.element_size() for t in {id(v): v for v in self._ev_sd.values()}.values())
+        return {
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "tensors": len(self.names),
+            "resident_bytes": self.resident_bytes,
+            "cache_bytes": self.cache.bytes,
+            "cache_capacity": self.cache.capacity,
+            "cache_entries": len(self.cache.items),
+            "cache_hits": self.cache.hits,
+            "cache_misses": self.cache.misses,
+            "evaluator_bytes": ev_bytes,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "merges": self.merges,
+        }
+
+    def digest(self) -> str:
+        """A hash of every resident byte (base and task vectors), for immutability checks."""
+        h = hashlib.blake2b(digest_size=16)
+        for k in self.names:
+            for t in [self.base[k], *self.taus[k]]:
+                h.update(k.encode())
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def clear_cache(self) -> None:
+        self.cache.clear()
+
+    # --- stages -----------------------------------------------------------------------------------
+
+    def _taus32(self, k: str, sel: Sequence[int]) -> list[torch.Tensor]:
+        return [self.taus[k][i].to(F32) for i in sel]
+
+    def _sparse(self, k: str, stage: Stage, sel: Sequence[int]) -> list[Sparse]:
+        """The stage's sparsified τ for tensor ``k`` in compact form, from the cache when possible."""
+        key = ("sparse", k, stage, tuple(sel))
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        taus = self._taus32(k, sel)
+        if stage.thresholds is not None:
+            pre = self._sparse(k, stage.pre_threshold(), sel)
+            out = []
+            for i, (sp, t) in enumerate(zip(pre, taus)):
+                x = sp.chunk(t, 0, t.numel())
+                fin = x * (x.abs() >= stage.thresholds[i])
+                cand = Sparse(t.numel(), pack_mask(fin != 0), sp.op)
+                if sp.dense is not None or not torch.equal(cand.chunk(t, 0, t.numel()), fin):
+                    cand = Sparse(t.numel(), dense=fin)
+                out.append(cand)
+        else:
+            rng = tensor_rng(stage.seed, k) if stage.random else None
+            first, final = apply_stage_parts(stage, taus, rng)
+            out = compact(stage, taus, first, final)
+        self.cache.put(key, out, sum(s.nbytes for s in out) + 64)
+        return out
+
+    def _stage_values(self, k: str, stage: Stage, sel: Sequence[int]) -> list[torch.Tensor]:
+        taus = self._taus32(k, sel)
+        if stage.trivial:
+            return taus
+        return [sp.chunk(t, 0, t.numel()) for sp, t in zip(self._sparse(k, stage, sel), taus)]
+
+    def trim_hist(self, stage: Stage, sel: Sequence[int], prefixes: Sequence[int | None] | None = None) -> np.ndarray:
+        """Radix-select histograms of |x_i| bit patterns over this shard: the high 16 bits (``prefixes`` None),
+        or the low 16 bits of the entries whose high bits equal ``prefixes[i]``."""
+        self.cache.new_trial()
+        key = ("hist", stage, tuple(sel), None if prefixes is None else tuple(prefixes))
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        bins = 1 << 15 if prefixes is None else 1 << 16
+        h = torch.zeros(len(sel), bins, dtype=torch.int64)
+        for k in self.names:
+            for i, x in enumerate(self._stage_values(k, stage, sel)):
+                if prefixes is not None and prefixes[i] is None:
+                    continue
+                bits = x.abs().reshape(-1).contiguous().view(torch.int32)
+                if prefixes is None:
+                    h[i] += torch.bincount((bits >> 16).long(), minlength=bins).cpu()
+                else:
+                    lo = bits[(bits >> 16) == int(prefixes[i])] & 0xFFFF
+                    h[i] += torch.bincount(lo.long(), minlength=bins).cpu()
+        out = h.numpy()
+        self.cache.put(key, out, out.nbytes)
+        return out
+
+    def numel(self) -> int:
+        return sum(self.base[k].numel() for k in self.names)
+
+    def prepare_local(self, recipe: Recipe, sel: Sequence[int]) -> Any:
+        """Run a method's own whole-model ``prepare`` over this (only) shard, in checkpoint order."""
+        spec = recipe.spec
+        compute = DTYPES[recipe.dtype]
+
+        def items():
+            for k in self.names:
+                b = self.base[k].to(compute)
+                yield k, b, [self.taus[k][i].to(compute) for i in sel], tensor_rng(recipe.seed, k)
+
+        return spec.prepare(items(), global_scalars(recipe))  # type: ignore[misc]
+
+    def export(self, sel: Sequence[int]) -> dict[str, Any]:
+        """Base and selected task vectors as numpy (for a driver-side prepare of an unknown method)."""
+        return {k: (to_numpy(self.base[k]), [to_numpy(self.taus[k][i]) for i in sel]) for k in self.names}
+
+    # --- merging ----------------------------------------------------------------------------------
+
+    def _merge_one(self, recipe: Recipe, k: str, sel: Sequence[int], stats: Any, dst: torch.Tensor | None,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+        spec = recipe.spec
+        params = resolve_params(recipe, k, layer_fraction(k, self.n_layers))
+        base = self.base[k]
+        split = split_gta(spec, params, stats, recipe.seed) if recipe.dtype == "float32" else None
+        if split is None:  # generic path: the merge core's own per-tensor function
+            out = merge_tensor(
+                spec, base, [self.taus[k][i] for i in sel], params,
+                rng=tensor_rng(recipe.seed, k) if spec.uses_rng else None, stats=stats,
+                compute_dtype=DTYPES[recipe.dtype], inputs_are_deltas=True,
+            ).to(out_dtype)
+            if dst is None:
+                return out
+            dst.copy_(out)
+            return dst
+        stage, comb = split
+        taus = [self.taus[k][i] for i in sel]
+        reprs = [Sparse(t.numel()) for t in taus] if stage.trivial else self._sparse(k, stage, sel)
+        direct = dst is not None and dst.dtype == out_dtype and dst.is_contiguous() and dst.device == base.device
+        target = dst if direct else torch.empty(base.shape, dtype=out_dtype, device=base.device)
+        flat = target.view(-1)
+        b = base.reshape(-1)
+        n = b.numel()
+        for s in range(0, n, self.chunk):
+            e = min(n, s + self.chunk)
+            merged = b[s:e].to(F32) + combine(comb, [r.chunk(t, s, e) for r, t in zip(reprs, taus)])
+            flat[s:e].copy_(merged)
+        if dst is not None and not direct:
+            dst.copy_(target)
+            return dst
+        return target
+
+    def merge(self, recipe: Recipe, sel: Sequence[int], stats: Any, out_dtype: str | None) -> dict[str, Any]:
+        """Merged tensors of this shard, as numpy (zero-copy through the object store)."""
+        out = {}
+        self.cache.new_trial()
+        with torch.no_grad():
+            for k in self.names:
+                od = DTYPES[out_dtype] if out_dtype else self.base[k].dtype
+                out[k] = to_numpy(self._merge_one(recipe, k, sel, stats, None, od))
+        self.merges += 1
+        return out
+
+    # --- co-located evaluator -------------------------------------------------------------------------
+
+    def attach(self, builder: Callable[[], torch.nn.Module], passthrough: dict[str, Any]) -> list[str]:
+        """Build the evaluation model here; returns merged tensor names the model lacks (should be empty)."""
+        model = builder()
+        model.eval()
+        self.evaluator = model
+        self._ev_sd = dict(model.state_dict())
+        self._passthrough = passthrough
+        return [k for k in self.names if k not in self._ev_sd]
+
+    def merge_local(self, recipe: Recipe, sel: Sequence[int], stats: Any, out_dtype: str | None,
+                    builder: Callable[[], torch.nn.Module], passthrough: dict[str, Any], *shards: dict[str, Any]) -> int:
+        """Merge this shard straight into the resident model's parameters, then copy in other actors' shards."""
+        if self.evaluator is None:  # first use, or rebuilt after a restart
+            self.attach(builder, passthrough)
+        sd = self._ev_sd
+        self.cache.new_trial()
+        with torch.no_grad():
+            for k in self.names:
+                od = DTYPES[out_dtype] if out_dtype else self.base[k].dtype
+                self._merge_one(recipe, k, sel, stats, sd[k], od)
+            for shard in shards:
+                for k, v in shard.items():
+                    sd[k].copy_(from_numpy(v))
+            for k, v in self._passthrough.items():
+                if k in sd:
+                    sd[k].copy_(from_numpy(v))
+        self.merges += 1
+        return len(self.names)
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(model, *args, **kwargs)`` on the resident evaluation model."""
+        if self.evaluator is None:
+            raise RuntimeError("no evaluator attached (or the actor restarted): merge into it first.")
+        with torch.no_grad():
+            return fn(self.evaluator, *args, **kwargs)
