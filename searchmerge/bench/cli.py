@@ -23,6 +23,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from searchmerge.bench.leaderboard import default_entries, run_leaderboard
 
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     console = Console(stderr=True)
     path = resolve_spec(args.spec, args.cache_dir, progress=not args.quiet)
@@ -59,5 +63,6 @@ def add_bench_commands(subparsers: argparse._SubParsersAction) -> None:  # type:
     p.add_argument("--num-actors", type=int, default=2, help="Ray Data actor pool size (--backend ray)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cache-dir", default=None, help="zoo cache (default $SEARCHMERGE_CACHE or ~/.cache/searchmerge)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads in this process (0: leave as is)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=_cmd_bench)

@@ -412,7 +412,10 @@ class BenchModel:
             return None
         h = hashlib.blake2b(digest_size=16)
         for key in sorted(keys):
-            t = self.backbone[key].detach().contiguous().cpu()
+            t = self.backbone[key].detach().cpu()
+            if t.is_floating_point():
+                t = t + 0.0  # -0.0 -> +0.0: a delta merge adds +0.0 to unchanged tensors (same values)
+            t = t.contiguous()
             h.update(key.encode())
             h.update(str(t.dtype).encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
