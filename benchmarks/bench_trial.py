@@ -90,7 +90,8 @@ def main() -> None:
     ap.add_argument("--zoo", default=None, help="zoo cache folder")
     ap.add_argument("--trials", type=int, default=None, help="timed trials per resident row")
     ap.add_argument("--baseline-trials", type=int, default=None, help="timed trials per baseline row")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for every path (1: two threads stall each other on a busy 2-core box)")
     args = ap.parse_args()
     n_params = 10_000_000 if args.small else 100_000_000
     trials = args.trials or (3 if args.small else 5)
@@ -106,16 +107,18 @@ def main() -> None:
     t0 = time.perf_counter()
     base, fts = make_synthetic_zoo(zoo_dir, n_params=n_params, n_models=4)
     print(f"zoo: {zoo_dir} ({time.perf_counter() - t0:.1f} s)", flush=True)
-    bw = copy_bandwidth()
+    bw = copy_bandwidth()  # same thread count as the store's actor
     print(f"copy bandwidth: {bw / 1e9:.2f} GB/s (read+write, torch copy_, {args.threads} threads)", flush=True)
-    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # two stores (fp32 and bf16 residency) each hold one actor that runs `threads` torch threads; only one works at a time
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     tmp = Path(tempfile.mkdtemp(prefix="bench_trial_"))
     rows = []
     try:
         stores = {}
         for res in ("float32", "bfloat16"):
             t0 = time.perf_counter()
-            s = TaskVectorStore.build(base, fts, num_actors=1, cpus_per_actor=args.threads, residency_dtype=res,
+            s = TaskVectorStore.build(base, fts, num_actors=1, cpus_per_actor=1, threads_per_actor=args.threads,
+                                      residency_dtype=res,
                                       cache_fraction=0.15)
             ev = s.attach_evaluator(functools.partial(AutoModelForCausalLM.from_pretrained, base))
             print(f"store ({res}): built in {time.perf_counter() - t0:.1f} s", flush=True)
