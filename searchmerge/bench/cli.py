@@ -37,6 +37,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         entries = [e for e in entries if e.label in keep or (e.method or e.label) in keep]
     eval_kwargs = {"backend": args.backend, "batch_size": args.batch_size}
     if args.backend == "ray":
+        import os
+
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind to 127.0.0.1 only
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         import ray
 
         if not ray.is_initialized():
