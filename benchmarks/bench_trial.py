@@ -8,7 +8,7 @@
 (b) MergeKit-evolve: every trial writes the merge to disk (``merge(recipe, out=dir)``) and reloads it with
     ``from_pretrained``.
 (c) searchmerge's resident path: ``TaskVectorStore.merge_into(recipe, evaluator)`` into a model that lives on the
-    store's actor (1 actor, 2 threads): no disk, no re-instantiation.
+    store's actor (1 actor, 1 torch thread): no disk, no re-instantiation. Every path runs 1 torch thread.
 
 Each timed trial uses a new λ (a real new trial); density is fixed as in a λ search, so the store's mask cache
 hits after the first trial (its cold time is printed separately). The bound for (c) is the bytes a merge must

@@ -79,6 +79,17 @@ class LRU:
         self.bytes = 0
 
 
+def _rss_anon() -> int:
+    """Anonymous resident memory of this process (excludes mmap'd checkpoint pages), Linux only; 0 elsewhere."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def _reader(src: Any, allow_pickle: bool):
     if isinstance(src, dict):  # {name: (dtype tag, ndarray)} from the object store
         return StateDictReader({k: from_numpy(v) for k, v in src.items()})
@@ -163,6 +174,7 @@ class ShardWorker:
             "cache_misses": self.cache.misses,
             "evaluator_bytes": ev_bytes,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "rss_anon_bytes": _rss_anon(),
             "merges": self.merges,
         }
 
