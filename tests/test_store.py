@@ -260,3 +260,18 @@ def test_timeout_is_an_exception(ray_session, zoo):
         with pytest.raises(StoreError, match="did not finish"):
             s._get(s._actors[0].ping.remote(3), timeout=0.5)
         assert time.time() - t0 < 2.5
+
+
+def test_weighted_sum_into_is_bit_identical_to_combine():
+    from searchmerge.store.stages import Combine, combine, weighted_sum_into
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1000, generator=g)
+    taus = [torch.randn(1000, generator=g) * 0.01 for _ in range(3)]
+    for merge_func in ("sum", "mean"):
+        c = Combine(weight=(0.3, 0.7, 1.1), lambda_=0.37, consensus=None, merge_func=merge_func)
+        out = torch.empty(1000)
+        weighted_sum_into(c, base, taus, out, chunk=96)
+        assert torch.equal(out, base + combine(c, taus))
+        bf = weighted_sum_into(c, base, [t.to(torch.bfloat16) for t in taus], torch.empty(1000), chunk=128)
+        assert torch.equal(bf, base + combine(c, [t.to(torch.bfloat16).float() for t in taus]))

@@ -23,6 +23,7 @@ from searchmerge.store.stages import (
     Stage,
     apply_stage_parts,
     combine,
+    weighted_sum_into,
     compact,
     from_numpy,
     pack_mask,
@@ -288,6 +289,15 @@ class ShardWorker:
             return dst
         stage, comb = split
         taus = [self.taus[k][i] for i in sel]
+        if stage.trivial and comb.consensus is None and taus:  # task arithmetic: fused, bandwidth-bound path
+            target = (dst if dst is not None and dst.dtype == out_dtype and dst.is_contiguous()
+                      and dst.device == base.device else None)
+            target = target if target is not None else torch.empty(base.shape, dtype=out_dtype, device=base.device)
+            weighted_sum_into(comb, base, taus, target)
+            if dst is not None and target is not dst:
+                dst.copy_(target)
+                return dst
+            return target
         reprs = [Sparse(t.numel()) for t in taus] if stage.trivial else self._sparse(k, stage, sel)
         direct = dst is not None and dst.dtype == out_dtype and dst.is_contiguous() and dst.device == base.device
         target = dst if direct else torch.empty(base.shape, dtype=out_dtype, device=base.device)
