@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-all bench clean zoo-deps
+.PHONY: setup run demo test test-all bench clean zoo-deps
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,7 +29,14 @@ $(ZOO_STAMP): $(STAMP)
 
 zoo-deps: $(ZOO_STAMP)
 
+# The main job: build the default text zoo once (cached under ~/.cache/searchmerge) and run the
+# FusionBench-style leaderboard of fixed recipes on it.
 run: $(STAMP) zoo-deps
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 \
+		$(BIN)/searchmerge bench text --out runs/leaderboard-text
+
+# A one-minute merge demo on a generated GPT-2 zoo (no extra packages).
+demo: $(STAMP)
 	$(BIN)/searchmerge demo --out runs/demo
 
 test: $(STAMP)
