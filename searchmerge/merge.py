@@ -78,6 +78,30 @@ def _is_float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
 
 
+def check_compatible(ref: Any, ref_name: str, readers: Sequence[Any], names: Sequence[str]) -> None:
+    """Every reader has exactly ``ref``'s tensors, shapes, and float-ness; the error names tensor and model."""
+    keys = ref.keys()
+    ref_keys = set(keys)
+    for where, r in zip(names, readers):
+        missing = sorted(ref_keys - set(r.keys()))
+        extra = sorted(set(r.keys()) - ref_keys)
+        if missing:
+            raise CheckpointError(f"{where} is missing tensor(s) {missing[:5]} that the {ref_name} has.")
+        if extra:
+            raise CheckpointError(f"{where} has tensor(s) {extra[:5]} that the {ref_name} lacks.")
+        for k in keys:
+            if r.shape(k) != ref.shape(k):
+                raise CheckpointError(
+                    f"shape mismatch for tensor {k}: {ref_name} has {list(ref.shape(k))}, "
+                    f"{where} has {list(r.shape(k))}."
+                )
+            if _is_float(r.dtype(k)) != _is_float(ref.dtype(k)):
+                raise CheckpointError(
+                    f"dtype mismatch for tensor {k}: {ref_name} has {ref.dtype(k)}, {where} has {r.dtype(k)}; "
+                    "a float tensor cannot be merged with an integer one."
+                )
+
+
 def plan_merge(
     recipe: Recipe,
     *,
@@ -101,26 +125,7 @@ def plan_merge(
     ref = base_reader if base_reader is not None else readers[0]
     ref_name = "base model" if base_reader is not None else f"models[0] ({recipe.models[0].model})"
     keys = ref.keys()
-    ref_keys = set(keys)
-    for i, r in enumerate(readers):
-        where = f"models[{i}] ({recipe.models[i].model})"
-        missing = sorted(ref_keys - set(r.keys()))
-        extra = sorted(set(r.keys()) - ref_keys)
-        if missing:
-            raise CheckpointError(f"{where} is missing tensor(s) {missing[:5]} that the {ref_name} has.")
-        if extra:
-            raise CheckpointError(f"{where} has tensor(s) {extra[:5]} that the {ref_name} lacks.")
-        for k in keys:
-            if r.shape(k) != ref.shape(k):
-                raise CheckpointError(
-                    f"shape mismatch for tensor {k}: {ref_name} has {list(ref.shape(k))}, "
-                    f"{where} has {list(r.shape(k))}."
-                )
-            if _is_float(r.dtype(k)) != _is_float(ref.dtype(k)):
-                raise CheckpointError(
-                    f"dtype mismatch for tensor {k}: {ref_name} has {ref.dtype(k)}, {where} has {r.dtype(k)}; "
-                    "a float tensor cannot be merged with an integer one."
-                )
+    check_compatible(ref, ref_name, readers, [f"models[{i}] ({m.model})" for i, m in enumerate(recipe.models)])
     merged = [k for k in keys if _is_float(ref.dtype(k))]
     layers = [i for i in (layer_index(k) for k in keys) if i is not None]
     return MergePlan(

@@ -275,3 +275,16 @@ def test_weighted_sum_into_is_bit_identical_to_combine():
         assert torch.equal(out, base + combine(c, taus))
         bf = weighted_sum_into(c, base, [t.to(torch.bfloat16) for t in taus], torch.empty(1000), chunk=128)
         assert torch.equal(bf, base + combine(c, [t.to(torch.bfloat16).float() for t in taus]))
+
+
+def test_mismatched_checkpoints_are_refused_before_any_actor_starts(zoo):
+    from searchmerge.errors import CheckpointError
+    from searchmerge.store import TaskVectorStore
+
+    base, models = zoo
+    bad = {**models[0], "layers.1.w": torch.zeros(6, 7)}
+    with pytest.raises(CheckpointError, match=r"shape mismatch for tensor layers.1.w: base model has \[6, 6\]"):
+        TaskVectorStore.build(base, [models[1], bad])
+    missing = {k: v for k, v in models[0].items() if k != "layers.0.b"}
+    with pytest.raises(CheckpointError, match=r"models\[0\] is missing tensor\(s\) \['layers.0.b'\]"):
+        TaskVectorStore.build(base, [missing])

@@ -15,7 +15,7 @@ import torch
 
 from searchmerge.errors import CheckpointError, RecipeError, SearchmergeError
 from searchmerge.io.checkpoint import open_checkpoint
-from searchmerge.merge import DTYPES, tensor_rng
+from searchmerge.merge import DTYPES, check_compatible, tensor_rng
 from searchmerge.recipe import Recipe, global_scalars, layer_index
 from searchmerge.store.stages import from_numpy, to_numpy, trim_stage
 from searchmerge.store.worker import ShardWorker
@@ -93,25 +93,12 @@ class TaskVectorStore:
             raise RecipeError(f"residency_dtype must be float32, bfloat16 or float16, got {residency_dtype!r}.")
         if not models:
             raise RecipeError("a store needs at least one fine-tuned model.")
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
         self = cls()
         self.timeout_s = float(timeout_s)
         base_reader = open_checkpoint(base, allow_pickle=allow_pickle)
         readers = [open_checkpoint(m, allow_pickle=allow_pickle) for m in models]
         keys = base_reader.keys()
-        for i, r in enumerate(readers):
-            if set(r.keys()) != set(keys):
-                diff = sorted(set(keys) ^ set(r.keys()))[:5]
-                raise CheckpointError(f"models[{i}] and the base model differ in tensor names, e.g. {diff}.")
-            for k in keys:
-                if r.shape(k) != base_reader.shape(k):
-                    raise CheckpointError(
-                        f"shape mismatch for tensor {k}: base has {list(base_reader.shape(k))}, "
-                        f"models[{i}] has {list(r.shape(k))}."
-                    )
-                if r.dtype(k).is_floating_point != base_reader.dtype(k).is_floating_point:
-                    raise CheckpointError(f"dtype mismatch for tensor {k}: base {base_reader.dtype(k)}, models[{i}] {r.dtype(k)}.")
+        check_compatible(base_reader, "base model", readers, [f"models[{i}]" for i in range(len(readers))])
         self.keys = list(keys)
         self.float_keys = [k for k in keys if base_reader.dtype(k).is_floating_point]
         self.shapes = {k: tuple(base_reader.shape(k)) for k in keys}
@@ -125,6 +112,8 @@ class TaskVectorStore:
         if len(self.names) != self.n_models:
             raise RecipeError(f"{len(self.names)} names given for {self.n_models} models.")
         self.passthrough = {k: base_reader.get(k) for k in keys if k not in self.float_keys}
+        if not ray.is_initialized():  # only once every check above has passed
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
         self._passthrough_np = ray.put({k: to_numpy(v) for k, v in self.passthrough.items()})
         self.residency_dtype = residency_dtype
         res_size = DTYPES[residency_dtype].itemsize
