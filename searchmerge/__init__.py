@@ -4,20 +4,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# Bound eagerly: the package attribute `searchmerge.merge` must be the function, not the submodule of
+# the same name (which the import system would otherwise set as the attribute once it is imported).
+from searchmerge.merge import merge  # noqa: E402
+from searchmerge.methods.registry import get_method, list_methods  # noqa: E402
+from searchmerge.recipe import Recipe, load_recipe  # noqa: E402
+
 __all__ = ["merge", "Recipe", "load_recipe", "get_method", "list_methods", "__version__"]
-
-
-def __getattr__(name: str):  # lazy: `import searchmerge` stays cheap (no torch/ray until used)
-    if name == "merge":
-        from searchmerge.merge import merge
-
-        return merge
-    if name in ("Recipe", "load_recipe"):
-        from searchmerge import recipe
-
-        return getattr(recipe, name)
-    if name in ("get_method", "list_methods"):
-        from searchmerge.methods import registry
-
-        return getattr(registry, name)
-    raise AttributeError(name)

@@ -149,3 +149,13 @@ def test_demo_quick(tmp_path):
     rows = run_demo(tmp_path, quick=True)
     assert {r["recipe"] for r in rows} >= {"task_arithmetic", "ties_fusionbench"}
     assert (tmp_path / "demo.md").is_file()
+
+
+def test_package_level_merge_is_the_function(tmp_path):
+    import searchmerge
+    import searchmerge.merge  # noqa: F401  (importing the submodule must not shadow the function)
+
+    base = tiny_state()
+    recipe = searchmerge.Recipe(method="task_arithmetic", base_model="b", models=[{"model": "m"}])
+    out = searchmerge.merge(recipe, base=base, models=[perturbed(base, 0.1, 1)])
+    assert set(out) == set(base)
