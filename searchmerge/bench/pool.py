@@ -3,7 +3,7 @@
 A bench spec YAML holds both::
 
     modelpool:
-      family: seqcls                # seqcls | causal_lm_mc | image | mlp
+      family: seqcls                # seqcls | causal_lm_mc | image | mlp | clip
       base: models/base             # local folder (relative paths resolve against the YAML's folder)
       finetuned: {topic: models/ft_topic, lang: models/ft_lang}
       heads: {topic: heads/topic.safetensors, lang: heads/lang.safetensors}
@@ -54,7 +54,7 @@ class TaskSpec(BaseModel):
     choices: list[str] | None = None  # ... or one fixed list of answers for the whole task
     num_classes: int | None = None  # default: the head's output size, else the number of choices
     metric: str = "accuracy"
-    class_names: list[str] | None = None
+    class_names: list[str] | None = None  # clip: the zero-shot head's classes (count = number of labels)
 
 
 class TaskPoolSpec(BaseModel):
@@ -79,14 +79,28 @@ class TaskPoolSpec(BaseModel):
 
 class ModelPoolSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    family: Literal["seqcls", "causal_lm_mc", "image", "mlp"]
+    family: Literal["seqcls", "causal_lm_mc", "image", "mlp", "clip"]
     base: str
     finetuned: dict[str, str] = Field(default_factory=dict)  # task name -> fine-tuned folder
     heads: dict[str, str] = Field(default_factory=dict)  # task name -> safetensors {weight, bias}
     # seqcls only: the output of the embeddings + the first N layers is cached per distinct weights of that
     # prefix (hashed), so models that share it (zoos fine-tuned above layer N) run only the top layers.
     cache_prefix_layers: int | None = Field(default=None, ge=1)
+    # clip only: zero-shot prompts per class name (`{name}` or `{}`), embeddings averaged over templates
+    prompt_templates: list[str] | None = None
     root: str | None = None
+
+    @model_validator(mode="after")
+    def _templates(self) -> "ModelPoolSpec":
+        if self.prompt_templates is not None:
+            if not self.prompt_templates:
+                raise ValueError("prompt_templates must not be empty")
+            bad = [t for t in self.prompt_templates if "{name}" not in t and "{}" not in t]
+            if bad:
+                raise ValueError(f"prompt template(s) {bad} hold no `{{name}}` (or `{{}}`) placeholder")
+            if self.family != "clip":
+                raise ValueError("prompt_templates is only used by the `clip` family")
+        return self
 
     def path(self, p: str) -> Path:
         q = Path(p).expanduser()
@@ -235,6 +249,18 @@ def load_task(pool: TaskPoolSpec, task: TaskSpec, num_classes: int | None) -> Ta
     n = task.num_classes or num_classes or (len(task.choices) if task.choices else None)
     if n is None:
         n = int(max(int(s.labels.max()) for s in splits.values())) + 1
+    if task.class_names is not None:
+        n_labels = int(max(int(s.labels.max()) for s in splits.values())) + 1
+        if task.num_classes is not None and task.num_classes != len(task.class_names):
+            raise BenchSpecError(
+                f"task `{task.name}`: class_names has {len(task.class_names)} name(s) but num_classes is {task.num_classes}."
+            )
+        if task.num_classes is None and n_labels != len(task.class_names):
+            raise BenchSpecError(
+                f"task `{task.name}`: class_names has {len(task.class_names)} name(s) but the labels are "
+                f"0..{n_labels - 1} ({n_labels} classes); give one name per label (or set num_classes when "
+                f"some classes have no examples)."
+            )
     if task.num_classes is not None and num_classes is not None and task.num_classes != num_classes:
         raise BenchSpecError(
             f"task `{task.name}`: num_classes is {task.num_classes} but its head has {num_classes} outputs."
@@ -315,8 +341,13 @@ def load_modelpool(spec: ModelPoolSpec, task_names: list[str] | None = None) -> 
     from searchmerge.bench.families import get_family
 
     family = get_family(spec.family)
+    if family.zero_shot and spec.heads:
+        raise BenchSpecError(
+            f"family `{spec.family}` computes zero-shot heads from each task's class_names; remove `heads` "
+            f"({sorted(spec.heads)}) from the model pool."
+        )
     if task_names is not None:
-        if family.needs_heads:
+        if family.needs_heads and not family.zero_shot:
             missing = [t for t in task_names if t not in spec.heads]
             extra = [t for t in spec.heads if t not in task_names]
             if missing or extra or len(spec.heads) != len(task_names):
@@ -377,10 +408,48 @@ def load_bench(spec: BenchSpec | str | Path) -> Bench:
     if not isinstance(spec, BenchSpec):
         spec = read_bench_spec(spec)
     names = [t.name for t in spec.taskpool.tasks]
+    from searchmerge.bench.families import get_family
+
+    zero_shot = get_family(spec.modelpool.family).zero_shot
+    if zero_shot:
+        check_class_names(spec)
     mp = load_modelpool(spec.modelpool, names)
-    nc = {t: int(h["weight"].shape[0]) for t, h in mp.heads.items()}
+    if zero_shot:
+        nc = {t.name: len(t.class_names) for t in spec.taskpool.tasks}  # type: ignore[arg-type]
+    else:
+        nc = {t: int(h["weight"].shape[0]) for t, h in mp.heads.items()}
     tp = load_taskpool(spec.taskpool, nc)
+    if zero_shot:  # every check passed: now the (cached) text-tower work
+        mp.heads = mp.family.task_heads(
+            str(mp.spec.path(mp.spec.base)), {t.name: list(t.class_names) for t in spec.taskpool.tasks},  # type: ignore[arg-type]
+            mp.spec.prompt_templates, zero_shot_cache_dir(mp.spec),
+        )
     return Bench(spec=spec, modelpool=mp, taskpool=tp)
+
+
+def zero_shot_cache_dir(spec: ModelPoolSpec) -> Path:
+    """Where zero-shot heads are cached on disk: next to the pool (the spec's folder, else the base's parent)."""
+    from searchmerge.bench.families import ZERO_SHOT_CACHE_DIR
+
+    root = Path(spec.root) if spec.root is not None else spec.path(spec.base).resolve().parent
+    return root / ZERO_SHOT_CACHE_DIR
+
+
+def check_class_names(spec: BenchSpec) -> None:
+    """Zero-shot families: every task names its classes, as many as its labels (checked before any work)."""
+    for t in spec.taskpool.tasks:
+        if not t.class_names:
+            raise BenchSpecError(
+                f"task `{t.name}`: family `{spec.modelpool.family}` builds zero-shot heads from `class_names`; "
+                f"give one name per label."
+            )
+        if t.num_classes is not None and t.num_classes != len(t.class_names):
+            raise BenchSpecError(
+                f"task `{t.name}`: class_names has {len(t.class_names)} name(s) but num_classes is {t.num_classes}."
+            )
+        dup = sorted({n for n in t.class_names if t.class_names.count(n) > 1})
+        if dup:
+            raise BenchSpecError(f"task `{t.name}`: duplicate class name(s) {dup}.")
 
 
 def write_json(path: Path, data: Any) -> None:
