@@ -33,6 +33,7 @@ RECIPES: dict[str, dict] = {
     "magmax": {"method": "magmax", "parameters": {}},
     "model_stock": {"method": "model_stock", "parameters": {}},
     "iso_c": {"method": "iso_c", "parameters": {}},
+    "iso_cts": {"method": "iso_cts", "parameters": {}},
     "tsv_m": {"method": "tsv_m", "parameters": {}},
 }
 
@@ -134,7 +135,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", type=float, default=100e6)
     ap.add_argument("--models", type=int, default=4)
-    ap.add_argument("--methods", nargs="*", default=list(RECIPES))
+    ap.add_argument("--methods", nargs="*", default=list(RECIPES), choices=list(RECIPES))
     ap.add_argument("--zoo", type=Path, default=Path(tempfile.gettempdir()) / "searchmerge-bench-zoo")
     args = ap.parse_args()
     base, fts = make_synthetic_zoo(args.zoo, n_params=int(args.params), n_models=args.models)
