@@ -288,3 +288,27 @@ def test_mismatched_checkpoints_are_refused_before_any_actor_starts(zoo):
     missing = {k: v for k, v in models[0].items() if k != "layers.0.b"}
     with pytest.raises(CheckpointError, match=r"models\[0\] is missing tensor\(s\) \['layers.0.b'\]"):
         TaskVectorStore.build(base, [missing])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("num_actors", [1, 2])
+def test_unit_weight_trials_reuse_the_merged_delta_exactly(ray_session, zoo, num_actors):
+    """FusionBench-style recipes (no per-model weights): after one trial, only λ changes -> exact and cached."""
+    base, models = zoo
+    cases = [
+        ("ties", {"density": 0.3, "merge_func": "sum", "trim_scope": "model"}),
+        ("ties", {"density": 0.3, "merge_func": "mean"}),
+        ("dare_ties", {"density": 0.5, "rescale": "inverse", "trim_density": 0.2, "trim_scope": "model"}),
+        ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.05}),
+        ("della", {"density": 0.5, "epsilon": 0.1}),
+    ]
+    with build_store(base, models, names=NAMES, num_actors=num_actors, cache_fraction=1.0) as s:
+        for method, params in cases:
+            first = recipe_from_dict({"method": method, "base_model": "base", "seed": 5,
+                                      "models": [{"model": n} for n in NAMES], "parameters": params})
+            assert_same(s.merge(first), core(first, zoo), exact=True)
+            hits = s.stats()["cache_hits"]
+            for lam in (0.1, 0.45, 1.3):
+                r = first.with_parameters(**{"lambda": lam})
+                assert_same(s.merge(r), core(r, zoo), exact=True)
+            assert s.stats()["cache_hits"] > hits, method

@@ -203,6 +203,24 @@ def weighted_sum_into(
     return out
 
 
+def scale_add_into(base: Tensor, unscaled: Tensor, lambda_: float, out: Tensor, *, chunk: int = 1 << 18) -> Tensor:
+    """``out = base + unscaled·λ`` chunk by chunk (the last two float32 steps of :func:`combine` + base)."""
+    flat_out, flat_base, flat_u = out.view(-1), base.reshape(-1), unscaled.reshape(-1)
+    n = flat_base.numel()
+    step = min(chunk, max(n, 1))
+    acc = torch.empty(step, dtype=torch.float32, device=base.device)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        a = acc[: e - s]
+        torch.mul(flat_u[s:e], lambda_, out=a)
+        b = flat_base[s:e] if flat_base.dtype == torch.float32 else flat_base[s:e].to(torch.float32)
+        if flat_out.dtype == torch.float32:
+            torch.add(b, a, out=flat_out[s:e])
+        else:
+            flat_out[s:e].copy_(b + a)
+    return out
+
+
 # --- compact sparse representation ----------------------------------------------------------------
 
 

@@ -71,7 +71,7 @@ class TaskVectorStore:
         names: Sequence[str] | None = None,
         cpus_per_actor: float = 1,
         threads_per_actor: int | None = None,
-        cache_fraction: float = 0.1,
+        cache_fraction: float = 0.2,
         chunk_elems: int = 1 << 14,
         max_restarts: int = 4,
         timeout_s: float = 600.0,

@@ -8,6 +8,7 @@ rebuilds itself. Nothing here ever writes into ``self.base`` or ``self.taus``.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 import resource
 from collections import OrderedDict
 from typing import Any, Callable, Sequence
@@ -21,8 +22,10 @@ from searchmerge.recipe import Recipe, global_scalars, layer_fraction, resolve_p
 from searchmerge.store.stages import (
     Sparse,
     Stage,
+    Combine,
     apply_stage_parts,
     combine,
+    scale_add_into,
     weighted_sum_into,
     compact,
     from_numpy,
@@ -74,6 +77,11 @@ class LRU:
             self.bytes -= self.items.popitem(last=False)[1][1]
         self.items[key] = [value, nbytes, self.epoch]
         self.bytes += nbytes
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more can be stored without evicting this trial's entries."""
+        current = sum(v[1] for v in self.items.values() if v[2] == self.epoch)
+        return nbytes <= self.capacity - current
 
     def clear(self) -> None:
         self.items.clear()
@@ -196,15 +204,15 @@ class ShardWorker:
     def _taus32(self, k: str, sel: Sequence[int]) -> list[torch.Tensor]:
         return [self.taus[k][i].to(F32) for i in sel]
 
-    def _sparse(self, k: str, stage: Stage, sel: Sequence[int]) -> list[Sparse]:
+    def _sparse(self, k: str, stage: Stage, sel: Sequence[int], store: bool = True) -> list[Sparse]:
         """The stage's sparsified τ for tensor ``k`` in compact form, from the cache when possible."""
         key = ("sparse", k, stage, tuple(sel))
-        hit = self.cache.get(key)
+        hit = self.cache.get(key) if store else None
         if hit is not None:
             return hit
         taus = self._taus32(k, sel)
         if stage.thresholds is not None:
-            pre = self._sparse(k, stage.pre_threshold(), sel)
+            pre = self._sparse(k, stage.pre_threshold(), sel, store)
             out = []
             for i, (sp, t) in enumerate(zip(pre, taus)):
                 x = sp.chunk(t, 0, t.numel())
@@ -217,7 +225,8 @@ class ShardWorker:
             rng = tensor_rng(stage.seed, k) if stage.random else None
             first, final = apply_stage_parts(stage, taus, rng)
             out = compact(stage, taus, first, final)
-        self.cache.put(key, out, sum(s.nbytes for s in out) + 64)
+        if store:
+            self.cache.put(key, out, sum(s.nbytes for s in out) + 64)
         return out
 
     def _stage_values(self, k: str, stage: Stage, sel: Sequence[int]) -> list[torch.Tensor]:
@@ -298,6 +307,10 @@ class ShardWorker:
                 dst.copy_(target)
                 return dst
             return target
+        if not stage.trivial and all(w == 1.0 for w in comb.weight):
+            key = ("combined", k, stage, comb.consensus, comb.merge_func, tuple(sel))
+            if key in self.cache.items or self.cache.fits(base.numel() * 4):
+                return self._merge_unit_weights(key, k, stage, comb, taus, sel, base, dst, out_dtype)
         reprs = [Sparse(t.numel()) for t in taus] if stage.trivial else self._sparse(k, stage, sel)
         direct = dst is not None and dst.dtype == out_dtype and dst.is_contiguous() and dst.device == base.device
         target = dst if direct else torch.empty(base.shape, dtype=out_dtype, device=base.device)
@@ -311,6 +324,29 @@ class ShardWorker:
             merged = b[s:e].to(F32) + combine(comb, [r.chunk(t, s, e) for r, t in zip(reprs, taus)])
             flat[s:e].copy_(merged)
         if dst is not None and not direct:
+            dst.copy_(target)
+            return dst
+        return target
+
+    def _merge_unit_weights(self, key: Any, k: str, stage: Stage, comb: Combine, taus: list[torch.Tensor],
+                            sel: Sequence[int], base: torch.Tensor, dst: torch.Tensor | None,
+                            out_dtype: torch.dtype) -> torch.Tensor:
+        """All weights 1 (FusionBench's TIES/DARE; a λ search): the merged delta before λ depends only on the
+        stage, so it is cached whole and a trial is ``base + λ·cached`` — the same float32 operations as
+        ``combine`` (``merged·λ``, then ``+ base``; ``x·1.0`` is exact), at task-arithmetic cost."""
+        unscaled = self.cache.get(key)
+        if unscaled is None:
+            reprs = self._sparse(k, stage, sel, store=False)  # the combined entry replaces the masks
+            unit = replace(comb, lambda_=1.0)
+            unscaled = torch.empty(base.numel(), dtype=F32, device=base.device)
+            for s in range(0, base.numel(), self.chunk * 4):
+                e = min(base.numel(), s + self.chunk * 4)
+                unscaled[s:e] = combine(unit, [r.chunk(t, s, e) for r, t in zip(reprs, taus)])
+            self.cache.put(key, unscaled, unscaled.numel() * unscaled.element_size())
+        target = (dst if dst is not None and dst.dtype == out_dtype and dst.is_contiguous()
+                  and dst.device == base.device else torch.empty(base.shape, dtype=out_dtype, device=base.device))
+        scale_add_into(base, unscaled, comb.lambda_, target)
+        if dst is not None and target is not dst:
             dst.copy_(target)
             return dst
         return target
