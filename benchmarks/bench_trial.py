@@ -47,13 +47,17 @@ LAMBDAS = [0.3, 0.35, 0.25, 0.4, 0.2, 0.45, 0.3]
 def recipes(base: Path, fts: list[Path]) -> dict[str, dict]:
     models = [{"model": str(d)} for d in fts]
 
-    def r(method: str, **params):
-        return {"method": method, "base_model": str(base), "models": models, "parameters": params}
+    def r(method: str, weights: list[float] | None = None, **params):
+        ms = models if weights is None else [{**m, "parameters": {"weight": w}} for m, w in zip(models, weights)]
+        return {"method": method, "base_model": str(base), "models": ms, "parameters": params}
 
     return {
         "task_arithmetic": r("task_arithmetic", **{"lambda": 0.3}),
         "ties (tensor)": r("ties", density=0.2, merge_func="sum", trim_scope="tensor", **{"lambda": 0.3}),
         "ties (model)": r("ties", density=0.2, merge_func="sum", trim_scope="model", **{"lambda": 0.3}),
+        # per-model weights != 1: the merged delta depends on them, so only the masks are cached
+        "ties (tensor, weighted)": r("ties", weights=[0.3, 0.4, 0.5, 0.6], density=0.2, merge_func="sum",
+                                    trim_scope="tensor", **{"lambda": 0.3}),
         "dare_ties (model)": r("dare_ties", density=0.5, rescale="inverse", trim_density=0.2, trim_scope="model",
                                merge_func="sum", **{"lambda": 0.3}),
     }
@@ -118,8 +122,7 @@ def main() -> None:
         for res in ("float32", "bfloat16"):
             t0 = time.perf_counter()
             s = TaskVectorStore.build(base, fts, num_actors=1, cpus_per_actor=1, threads_per_actor=args.threads,
-                                      residency_dtype=res,
-                                      cache_fraction=0.15)
+                                      residency_dtype=res)
             ev = s.attach_evaluator(functools.partial(AutoModelForCausalLM.from_pretrained, base))
             print(f"store ({res}): built in {time.perf_counter() - t0:.1f} s", flush=True)
             stores[res] = (s, ev)

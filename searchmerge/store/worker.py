@@ -78,11 +78,6 @@ class LRU:
         self.items[key] = [value, nbytes, self.epoch]
         self.bytes += nbytes
 
-    def fits(self, nbytes: int) -> bool:
-        """Whether ``nbytes`` more can be stored without evicting this trial's entries."""
-        current = sum(v[1] for v in self.items.values() if v[2] == self.epoch)
-        return nbytes <= self.capacity - current
-
     def clear(self) -> None:
         self.items.clear()
         self.bytes = 0
@@ -146,6 +141,7 @@ class ShardWorker:
             t.numel() * t.element_size() for k in self.names for t in [self.base[k], *self.taus[k]]
         )
         self.cache = LRU(cache_bytes)
+        self.unit_cache_fits = 4 * sum(self.base[k].numel() for k in self.names) <= self.cache.capacity
         self.evaluator: torch.nn.Module | None = None
         self._ev_sd: dict[str, torch.Tensor] = {}
         self.merges = 0
@@ -309,7 +305,7 @@ class ShardWorker:
             return target
         if not stage.trivial and all(w == 1.0 for w in comb.weight):
             key = ("combined", k, stage, comb.consensus, comb.merge_func, tuple(sel))
-            if key in self.cache.items or self.cache.fits(base.numel() * 4):
+            if self.unit_cache_fits:  # all of this shard's merged deltas fit: else masks only (no crowding out)
                 return self._merge_unit_weights(key, k, stage, comb, taus, sel, base, dst, out_dtype)
         reprs = [Sparse(t.numel()) for t in taus] if stage.trivial else self._sparse(k, stage, sel)
         direct = dst is not None and dst.dtype == out_dtype and dst.is_contiguous() and dst.device == base.device
