@@ -200,22 +200,7 @@ class MobileNetV2Backbone(nn.Module):
 
 def images_to_tensor(images: list[Any], size: int) -> torch.Tensor:
     """Grey or RGB images (nested lists, or flat square lists), values in [0, 1] or [0, 255] -> normalised [N,3,S,S]."""
-    arr = [np.asarray(im, dtype=np.float32) for im in images]
-    out = []
-    for a in arr:
-        if a.ndim == 1:
-            s = int(round(np.sqrt(a.size)))
-            if s * s != a.size:
-                raise ValueError(f"flat image of {a.size} values is not square")
-            a = a.reshape(s, s)
-        if a.ndim == 2:
-            a = np.repeat(a[None], 3, axis=0)
-        elif a.ndim == 3 and a.shape[-1] in (1, 3) and a.shape[0] not in (1, 3):
-            a = np.transpose(a, (2, 0, 1))
-        if a.shape[0] == 1:
-            a = np.repeat(a, 3, axis=0)
-        out.append(torch.from_numpy(np.ascontiguousarray(a)))
-    x = torch.stack(out)
+    x = torch.stack([_image_chw(im) for im in images])
     if float(x.max()) > 1.5:
         x = x / 255.0
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)

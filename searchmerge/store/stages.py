@@ -195,12 +195,17 @@ def weighted_sum_into(
         if divisor is not None:
             a.div_(divisor)
         a.mul_(c.lambda_)
-        b = flat_base[s:e] if flat_base.dtype == torch.float32 else flat_base[s:e].to(torch.float32)
-        if flat_out.dtype == torch.float32:
-            torch.add(b, a, out=flat_out[s:e])
-        else:
-            flat_out[s:e].copy_(b + a)
+        _add_base_into(flat_base, a, flat_out, s, e)
     return out
+
+
+def _add_base_into(flat_base: Tensor, delta: Tensor, flat_out: Tensor, s: int, e: int) -> None:
+    """``flat_out[s:e] = base[s:e] + delta`` in float32 (cast to the output dtype only at the end)."""
+    b = flat_base[s:e] if flat_base.dtype == torch.float32 else flat_base[s:e].to(torch.float32)
+    if flat_out.dtype == torch.float32:
+        torch.add(b, delta, out=flat_out[s:e])
+    else:
+        flat_out[s:e].copy_(b + delta)
 
 
 def scale_add_into(base: Tensor, unscaled: Tensor, lambda_: float, out: Tensor, *, chunk: int = 1 << 18) -> Tensor:
@@ -213,11 +218,7 @@ def scale_add_into(base: Tensor, unscaled: Tensor, lambda_: float, out: Tensor, 
         e = min(n, s + step)
         a = acc[: e - s]
         torch.mul(flat_u[s:e], lambda_, out=a)
-        b = flat_base[s:e] if flat_base.dtype == torch.float32 else flat_base[s:e].to(torch.float32)
-        if flat_out.dtype == torch.float32:
-            torch.add(b, a, out=flat_out[s:e])
-        else:
-            flat_out[s:e].copy_(b + a)
+        _add_base_into(flat_base, a, flat_out, s, e)
     return out
 
 
