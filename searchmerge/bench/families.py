@@ -114,17 +114,22 @@ class MLPTrunk(nn.Module):
         return self.net(x)
 
 
+def _load_project_folder(family: "Family", folder: Path, model_type: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A folder of one of the project's own architectures: check ``model_type``, load, build strictly."""
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("model_type") != model_type:
+        raise ValueError(f"config.json model_type is {config.get('model_type')!r}, expected {model_type!r}")
+    sd = _load_safetensors_folder(folder)
+    family.build(config, sd)  # strict load check
+    return config, sd
+
+
 @_register
 class MLPFamily(Family):
     name = "mlp"
 
     def load_folder(self, folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        config = json.loads((folder / "config.json").read_text())
-        if config.get("model_type") != "searchmerge_mlp":
-            raise ValueError(f"config.json model_type is {config.get('model_type')!r}, expected 'searchmerge_mlp'")
-        sd = _load_safetensors_folder(folder)
-        self.build(config, sd)  # strict load check
-        return config, sd
+        return _load_project_folder(self, folder, "searchmerge_mlp")
 
     def feature_dim(self, config: dict[str, Any]) -> int | None:
         return int(config["sizes"][-1])
@@ -214,12 +219,7 @@ class ImageFamily(Family):
     name = "image"
 
     def load_folder(self, folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        config = json.loads((folder / "config.json").read_text())
-        if config.get("model_type") != "searchmerge_mobilenet_v2":
-            raise ValueError(f"config.json model_type is {config.get('model_type')!r}, expected 'searchmerge_mobilenet_v2'")
-        sd = _load_safetensors_folder(folder)
-        self.build(config, sd)
-        return config, sd
+        return _load_project_folder(self, folder, "searchmerge_mobilenet_v2")
 
     def feature_dim(self, config: dict[str, Any]) -> int | None:
         return 1280

@@ -41,17 +41,10 @@ def _effects(bench, lam_good: float, lam_bad: float = 1.0) -> dict[str, float]:
     }
 
 
-def test_text_zoo():
-    bench = _zoo("text")
-    assert len(bench.taskpool.names) >= 6 and bench.modelpool.spec.family == "seqcls"
-    r = _effects(bench, 0.3)
-    assert r["pretrained"] < r["good"] < r["individual"]
-    assert r["bad"] < r["good"]
-
-
-def test_vision_zoo():
-    bench = _zoo("vision")
-    assert len(bench.taskpool.names) >= 4 and bench.modelpool.spec.family == "image"
+@pytest.mark.parametrize("zoo, min_tasks, family", [("text", 6, "seqcls"), ("vision", 4, "image")])
+def test_zoo_shows_merging_effects(zoo, min_tasks, family):
+    bench = _zoo(zoo)
+    assert len(bench.taskpool.names) >= min_tasks and bench.modelpool.spec.family == family
     r = _effects(bench, 0.3)
     assert r["pretrained"] < r["good"] < r["individual"]
     assert r["bad"] < r["good"]
