@@ -55,7 +55,7 @@ def recipes(base: Path, fts: list[Path]) -> dict[str, dict]:
         "task_arithmetic": r("task_arithmetic", **{"lambda": 0.3}),
         "ties (tensor)": r("ties", density=0.2, merge_func="sum", trim_scope="tensor", **{"lambda": 0.3}),
         "ties (model)": r("ties", density=0.2, merge_func="sum", trim_scope="model", **{"lambda": 0.3}),
-        # per-model weights != 1: the merged delta depends on them, so only the masks are cached
+        # per-model weights != 1 that change every trial: masks are cached, the sign election runs per trial
         "ties (tensor, weighted)": r("ties", weights=[0.3, 0.4, 0.5, 0.6], density=0.2, merge_func="sum",
                                     trim_scope="tensor", **{"lambda": 0.3}),
         "dare_ties (model)": r("dare_ties", density=0.5, rescale="inverse", trim_density=0.2, trim_scope="model",
@@ -65,6 +65,15 @@ def recipes(base: Path, fts: list[Path]) -> dict[str, dict]:
 
 def with_lambda(data: dict, lam: float):
     return recipe_from_dict({**data, "parameters": {**data["parameters"], "lambda": lam}})
+
+
+def trial_recipe(data: dict, i: int):
+    """Trial ``i``: its own λ and, for a recipe with per-model weights, its own weights (nothing carries over)."""
+    models = [
+        {**m, "parameters": {"weight": round(m["parameters"]["weight"] * (1 + 0.05 * i), 4)}} if "parameters" in m else m
+        for m in data["models"]
+    ]
+    return with_lambda({**data, "models": models}, LAMBDAS[i])
 
 
 def copy_bandwidth(nbytes: int = 512 * 1024**2) -> float:
@@ -132,12 +141,12 @@ def main() -> None:
             ties_family = name != "task_arithmetic"
 
             def fusionbench(i, data=data):
-                merged = core_merge(with_lambda(data, LAMBDAS[i]))
+                merged = core_merge(trial_recipe(data, i))
                 model = AutoModelForCausalLM.from_pretrained(base)
                 model.load_state_dict(merged, strict=False)
 
             def mergekit(i, data=data):
-                out = core_merge(with_lambda(data, LAMBDAS[i]), out=tmp / "merged", overwrite=True)
+                out = core_merge(trial_recipe(data, i), out=tmp / "merged", overwrite=True)
                 AutoModelForCausalLM.from_pretrained(out)
                 shutil.rmtree(out)
 
@@ -151,9 +160,9 @@ def main() -> None:
                 bound = touched / bw
                 s.clear_cache()
                 t0 = time.perf_counter()
-                s.merge_into(with_lambda(data, LAMBDAS[0]), ev)
+                s.merge_into(trial_recipe(data, 0), ev)
                 cold = time.perf_counter() - t0
-                c = statistics.median(timed(lambda i, data=data, s=s, ev=ev: s.merge_into(with_lambda(data, LAMBDAS[i + 1]), ev), trials))
+                c = statistics.median(timed(lambda i, data=data, s=s, ev=ev: s.merge_into(trial_recipe(data, i + 1), ev), trials))
                 err = None
                 if res == "bfloat16":
                     ref = s32.merge(with_lambda(data, 0.3))

@@ -312,3 +312,16 @@ def test_unit_weight_trials_reuse_the_merged_delta_exactly(ray_session, zoo, num
                 r = first.with_parameters(**{"lambda": lam})
                 assert_same(s.merge(r), core(r, zoo), exact=True)
             assert s.stats()["cache_hits"] > hits, method
+
+
+@pytest.mark.timeout(300)
+def test_weighted_ties_family_on_bf16_checkpoints_is_exact(ray_session, zoo):
+    """bf16 checkpoints: the fused kernel runs chunk by chunk with casts (not zero-copy) and still gives the core's bits."""
+    base, models = zoo
+    base16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in base.items()}
+    models16 = [{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in m.items()} for m in models]
+    with build_store(base16, models16, names=NAMES, chunk_elems=8) as s:
+        for method, scope in [("ties", "tensor"), ("ties", "model"), ("dare_ties", "tensor"), ("della", None),
+                              ("dare_linear", None)]:
+            r = make_recipe(method, scope)
+            assert_same(s.merge(r), core_merge(r, base=base16, models=models16), exact=True)

@@ -19,6 +19,7 @@ import torch
 from searchmerge.io.checkpoint import StateDictReader, open_checkpoint
 from searchmerge.merge import DTYPES, merge_tensor, tensor_rng
 from searchmerge.recipe import Recipe, global_scalars, layer_fraction, resolve_params
+from searchmerge.store import kernels
 from searchmerge.store.stages import (
     Sparse,
     Stage,
@@ -308,6 +309,8 @@ class ShardWorker:
             if self.unit_cache_fits:  # all of this shard's merged deltas fit: else masks only (no crowding out)
                 return self._merge_unit_weights(key, k, stage, comb, taus, sel, base, dst, out_dtype)
         reprs = [Sparse(t.numel()) for t in taus] if stage.trivial else self._sparse(k, stage, sel)
+        if base.device.type == "cpu" and kernels.available():
+            return self._merge_fused(comb, reprs, taus, base, dst, out_dtype)
         direct = dst is not None and dst.dtype == out_dtype and dst.is_contiguous() and dst.device == base.device
         target = dst if direct else torch.empty(base.shape, dtype=out_dtype, device=base.device)
         flat = target.view(-1)
@@ -319,6 +322,35 @@ class ShardWorker:
             e = min(n, s + step)
             merged = b[s:e].to(F32) + combine(comb, [r.chunk(t, s, e) for r, t in zip(reprs, taus)])
             flat[s:e].copy_(merged)
+        if dst is not None and not direct:
+            dst.copy_(target)
+            return dst
+        return target
+
+    def _merge_fused(self, comb: Combine, reprs: Sequence[Sparse], taus: Sequence[torch.Tensor], base: torch.Tensor,
+                     dst: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        """``base + combine(stage(τ))`` in one fused CPU pass per chunk (:mod:`~searchmerge.store.kernels`): the
+        sign election with per-model weights at about the cost of a weighted sum. Float32 tensors are passed
+        whole (zero-copy); other dtypes are converted chunk by chunk."""
+        direct = dst is not None and dst.dtype == out_dtype and dst.is_contiguous() and dst.device == base.device
+        target = dst if direct else torch.empty(base.shape, dtype=out_dtype, device=base.device)
+        flat_out, flat_base = target.detach().view(-1), base.reshape(-1)
+        sources = [r.dense.reshape(-1) if r.dense is not None else t.reshape(-1) for r, t in zip(reprs, taus)]
+        bits = [None if r.dense is not None else r.bits for r in reprs]
+        ops = [("none",) if r.dense is not None else r.op for r in reprs]
+        n = flat_base.numel()
+        whole = all(x.dtype == F32 for x in [flat_out, flat_base, *sources])
+        step = n if whole else self.chunk * 4
+        for s in range(0, n, max(step, 8)):
+            e = min(n, s + step)
+            out32 = flat_out[s:e] if whole else torch.empty(e - s, dtype=F32)
+            kernels.fused_combine_into(
+                [x[s:e].to(F32).numpy() for x in sources], bits, ops, comb.weight, bit_start=s,
+                consensus=comb.consensus, merge_func=comb.merge_func, lambda_=comb.lambda_,
+                base=flat_base[s:e].to(F32).numpy(), out=out32.numpy(),
+            )
+            if not whole:
+                flat_out[s:e].copy_(out32)
         if dst is not None and not direct:
             dst.copy_(target)
             return dst

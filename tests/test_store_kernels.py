@@ -1,0 +1,66 @@
+"""The fused CPU combine kernel gives the merge core's bits (``generalized_task_arithmetic`` on sparsified τ)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from searchmerge.store import kernels
+from searchmerge.store.stages import Combine, Sparse, combine, pack_mask
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba not installed")
+
+OPS = [("none",), ("div", 0.3), ("mul", torch.tensor(1.7)), ("div", 0.9)]
+
+
+def _inputs(n: int, m: int, seed: int) -> tuple[list[torch.Tensor], list[Sparse], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    taus = [torch.randn(m, generator=g) * 0.01 for _ in range(n)]
+    # awkward values: exact zeros, negative zeros, and entries whose weighted sum cancels exactly
+    taus[0][::17] = 0.0
+    taus[-1][5::23] = -0.0
+    if n >= 2:
+        taus[1][3::29] = -taus[0][3::29]
+    sparse = []
+    for i, t in enumerate(taus):
+        keep = torch.rand(m, generator=g) < 0.4
+        sparse.append(Sparse(m, pack_mask(keep), OPS[i % len(OPS)]) if i != 2 else Sparse(m, dense=t * keep))
+    return taus, sparse, torch.randn(m, generator=g)
+
+
+def _fused(c: Combine, taus, sparse, base, step: int) -> torch.Tensor:
+    m = base.numel()
+    out = np.empty(m, dtype=np.float32)
+    src = [s.dense if s.dense is not None else t for s, t in zip(sparse, taus)]
+    for s0 in range(0, m, step):
+        e = min(m, s0 + step)
+        kernels.fused_combine_into(
+            [x.numpy()[s0:e] for x in src], [None if s.dense is not None else s.bits for s in sparse],
+            [("none",) if s.dense is not None else s.op for s in sparse], c.weight, bit_start=s0,
+            consensus=c.consensus, merge_func=c.merge_func, lambda_=c.lambda_, base=base.numpy()[s0:e],
+            out=out[s0:e],
+        )
+    return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 9])
+@pytest.mark.parametrize(
+    "consensus,merge_func",
+    [(None, "sum"), (None, "mean"), ("sum", "sum"), ("sum", "mean"), ("sum", "max"), ("count", "mean"), ("count", "max")],
+)
+def test_fused_combine_is_bit_identical_to_core(n, consensus, merge_func):
+    taus, sparse, base = _inputs(n, 10_011, seed=n)
+    weights = tuple([0.7, 1.3, -0.4, 1.0, 0.25, 2.0, 0.9, 0.6, 1.1][:n])
+    c = Combine(weights, 0.37, consensus, merge_func)
+    want = base + combine(c, [s.chunk(t, 0, t.numel()) for s, t in zip(sparse, taus)])
+    for step in (10_011, 4096, 8):  # whole, blocks, and tiny chunks at bit offsets that are multiples of 8
+        got = _fused(c, taus, sparse, base, step)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), step  # bits, signed zeros included
+
+
+def test_weights_summing_to_zero_and_unit_lambda():
+    taus, sparse, base = _inputs(3, 1000, seed=7)
+    for c in (Combine((0.5, -0.5, 0.0), 1.0, None, "mean"), Combine((1.0, 1.0, 1.0), 1.0, "sum", "mean")):
+        want = base + combine(c, [s.chunk(t, 0, t.numel()) for s, t in zip(sparse, taus)])
+        assert torch.equal(_fused(c, taus, sparse, base, 1000), want)
