@@ -64,3 +64,46 @@ def test_weights_summing_to_zero_and_unit_lambda():
     for c in (Combine((0.5, -0.5, 0.0), 1.0, None, "mean"), Combine((1.0, 1.0, 1.0), 1.0, "sum", "mean")):
         want = base + combine(c, [s.chunk(t, 0, t.numel()) for s, t in zip(sparse, taus)])
         assert torch.equal(_fused(c, taus, sparse, base, 1000), want)
+
+
+def test_bfloat16_inputs_are_widened_exactly():
+    """τ resident in bfloat16 (uint16 bit patterns) give the bits of the same τ cast to float32 first."""
+    taus, sparse, base = _inputs(4, 5003, seed=11)
+    sparse[2] = Sparse(5003, pack_mask(torch.rand(5003) < 0.5), ("div", 0.7))  # no dense entry: all share a dtype
+    t16 = [t.to(torch.bfloat16) for t in taus]
+    c = Combine((0.7, 1.3, -0.4, 1.0), 0.37, "sum", "mean")
+    want = base + combine(c, [s.chunk(t.float(), 0, t.numel()) for s, t in zip(sparse, t16)])
+    out = np.empty(5003, dtype=np.float32)
+    kernels.fused_combine_into(
+        [kernels.as_kernel_array(t) for t in t16], [s.bits for s in sparse], [s.op for s in sparse], c.weight,
+        bit_start=0, consensus=c.consensus, merge_func=c.merge_func, lambda_=c.lambda_, base=base.numpy(), out=out,
+    )
+    assert torch.equal(torch.from_numpy(out), want)
+
+
+@pytest.mark.parametrize("residency", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("checkpoint_dtype", [torch.float32, torch.bfloat16])
+def test_worker_fused_path_equals_torch_path(monkeypatch, residency, checkpoint_dtype):
+    """In a shard worker (no Ray needed): the fused kernel and the chunked torch ops give the same bits, for every
+    residency and checkpoint dtype (zero-copy and converting branches)."""
+    from searchmerge.store.stages import to_numpy
+    from searchmerge.store.worker import ShardWorker
+    from tests.helpers import perturbed, tiny_state
+    from tests.test_store import make_recipe
+
+    base = {k: v.to(checkpoint_dtype) if v.is_floating_point() else v for k, v in tiny_state(0).items()}
+    models = [{k: v.to(checkpoint_dtype) if v.is_floating_point() else v for k, v in perturbed(base, 0.1, seed=20 + i).items()}
+              for i in range(3)]
+    names = [k for k, v in base.items() if v.is_floating_point()]
+    as_src = lambda sd: {k: to_numpy(v) for k, v in sd.items()}  # noqa: E731
+    worker = ShardWorker(as_src(base), [as_src(m) for m in models], names, n_layers=2, residency_dtype=residency,
+                         chunk_elems=64, cache_bytes=1 << 20)
+    for method, scope in [("ties", "tensor"), ("dare_ties", "tensor"), ("della", None), ("breadcrumbs_ties", None),
+                          ("dare_linear", None)]:
+        r = make_recipe(method, scope)
+        fused = worker.merge(r, [0, 1, 2], None, None)
+        monkeypatch.setattr(kernels, "available", lambda: False)
+        plain = worker.merge(r, [0, 1, 2], None, None)
+        monkeypatch.undo()
+        for k in names:
+            assert np.array_equal(fused[k][1], plain[k][1]), (method, k)

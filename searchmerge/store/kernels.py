@@ -38,6 +38,46 @@ def available() -> bool:
 
 
 if numba is not None:
+    from numba.core import types
+    from numba.extending import overload
+
+    def _load(x, out):  # pragma: no cover - replaced by the overload inside compiled code
+        raise NotImplementedError
+
+    def _load_masked(x, bits, out):  # pragma: no cover - replaced by the overload inside compiled code
+        raise NotImplementedError
+
+    @overload(_load)
+    def _load_impl(x, out):
+        """float32 as is; bfloat16 (carried as uint16) widened exactly: its bits are the high half of a float32."""
+        if x.dtype == types.uint16:
+            def widen(x, out):
+                u = out.view(np.uint32)
+                for j in range(len(out)):
+                    u[j] = np.uint32(x[j]) << np.uint32(16)
+            return widen
+
+        def copy(x, out):
+            for j in range(len(out)):
+                out[j] = x[j]
+        return copy
+
+    @overload(_load_masked)
+    def _load_masked_impl(x, bits, out):
+        """``x · mask`` (``x·0`` keeps the sign of zero, as torch's ``τ * mask``) from a big-endian packed mask."""
+        if x.dtype == types.uint16:
+            def widen_masked(x, bits, out):
+                u = out.view(np.uint32)
+                for j in range(len(out)):
+                    u[j] = np.uint32(x[j]) << np.uint32(16)
+                for j in range(len(out)):
+                    out[j] = out[j] * np.float32((bits[j >> 3] >> (7 - (j & 7))) & 1)
+            return widen_masked
+
+        def masked(x, bits, out):
+            for j in range(len(out)):
+                out[j] = x[j] * np.float32((bits[j >> 3] >> (7 - (j & 7))) & 1)
+        return masked
 
     @numba.njit(cache=True, nogil=True, fastmath=False, boundscheck=False)
     def _combine_block(vals, bits, has_bits, op_code, op_val, weights, bit_start, consensus, merge_func,
@@ -55,12 +95,9 @@ if numba is not None:
             vi = v[i]
             w = weights[i]
             if has_bits[i]:
-                bi = bits[i][b0 : b0 + ((m + 7) >> 3)]
-                for j in range(m):
-                    vi[j] = x[j] * np.float32((bi[j >> 3] >> (7 - (j & 7))) & 1)
+                _load_masked(x, bits[i][b0 : b0 + ((m + 7) >> 3)], vi)
             else:
-                for j in range(m):
-                    vi[j] = x[j]
+                _load(x, vi)
             if op_code[i] == DIV:
                 d = op_val[i]
                 for j in range(m):
@@ -133,6 +170,13 @@ if numba is not None:
                            mean_divisor, lam, base, out, lo, min(m, lo + block))
 
 
+def as_kernel_array(t: torch.Tensor) -> np.ndarray:
+    """A zero-copy numpy view the kernel reads: float32 as is, bfloat16 as its uint16 bit patterns."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
 def _f32(x: float | torch.Tensor) -> np.float32:
     """A scalar rounded to float32 as torch rounds a Python float (or 0-dim tensor) operand of an fp32 op."""
     if isinstance(x, torch.Tensor):
@@ -154,6 +198,8 @@ def fused_combine_into(
     out: np.ndarray,
 ) -> None:
     """``out = base + λ·combine(op_i(vals_i·bits_i))`` for flat float32 arrays of one length, in one pass.
+
+    ``vals`` are all float32, or all bfloat16 bit patterns as uint16 (widened exactly inside the pass).
 
     ``bits[i]`` is a big-endian packed keep-mask of the whole flat tensor (``None``: all kept) and
     ``bit_start`` the flat index of ``vals[i][0]`` in it; ``ops[i]`` is ``("none",)``, ``("div", d)`` or

@@ -330,8 +330,8 @@ class ShardWorker:
     def _merge_fused(self, comb: Combine, reprs: Sequence[Sparse], taus: Sequence[torch.Tensor], base: torch.Tensor,
                      dst: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
         """``base + combine(stage(τ))`` in one fused CPU pass per chunk (:mod:`~searchmerge.store.kernels`): the
-        sign election with per-model weights at about the cost of a weighted sum. Float32 tensors are passed
-        whole (zero-copy); other dtypes are converted chunk by chunk."""
+        sign election with per-model weights at about the cost of a weighted sum. Float32 (and bfloat16 τ) are
+        passed whole, zero-copy; other dtypes are converted chunk by chunk."""
         direct = dst is not None and dst.dtype == out_dtype and dst.is_contiguous() and dst.device == base.device
         target = dst if direct else torch.empty(base.shape, dtype=out_dtype, device=base.device)
         flat_out, flat_base = target.detach().view(-1), base.reshape(-1)
@@ -339,13 +339,16 @@ class ShardWorker:
         bits = [None if r.dense is not None else r.bits for r in reprs]
         ops = [("none",) if r.dense is not None else r.op for r in reprs]
         n = flat_base.numel()
-        whole = all(x.dtype == F32 for x in [flat_out, flat_base, *sources])
+        # zero-copy when base and output are float32 and the τ all float32 or all bfloat16 (widened in the kernel)
+        whole = flat_out.dtype == F32 and flat_base.dtype == F32 and len({x.dtype for x in sources}) == 1 \
+            and sources[0].dtype in (F32, torch.bfloat16)
         step = n if whole else self.chunk * 4
         for s in range(0, n, max(step, 8)):
             e = min(n, s + step)
             out32 = flat_out[s:e] if whole else torch.empty(e - s, dtype=F32)
             kernels.fused_combine_into(
-                [x[s:e].to(F32).numpy() for x in sources], bits, ops, comb.weight, bit_start=s,
+                [kernels.as_kernel_array(x[s:e]) if whole else x[s:e].to(F32).numpy() for x in sources],
+                bits, ops, comb.weight, bit_start=s,
                 consensus=comb.consensus, merge_func=comb.merge_func, lambda_=comb.lambda_,
                 base=flat_base[s:e].to(F32).numpy(), out=out32.numpy(),
             )
