@@ -98,8 +98,8 @@ def test_worker_fused_path_equals_torch_path(monkeypatch, residency, checkpoint_
     as_src = lambda sd: {k: to_numpy(v) for k, v in sd.items()}  # noqa: E731
     worker = ShardWorker(as_src(base), [as_src(m) for m in models], names, n_layers=2, residency_dtype=residency,
                          chunk_elems=64, cache_bytes=1 << 20)
-    for method, scope in [("ties", "tensor"), ("dare_ties", "tensor"), ("della", None), ("breadcrumbs_ties", None),
-                          ("dare_linear", None)]:
+    for method, scope in [("task_arithmetic", None), ("ties", "tensor"), ("dare_ties", "tensor"), ("della", None),
+                          ("breadcrumbs_ties", None), ("dare_linear", None)]:
         r = make_recipe(method, scope)
         fused = worker.merge(r, [0, 1, 2], None, None)
         monkeypatch.setattr(kernels, "available", lambda: False)
@@ -107,3 +107,35 @@ def test_worker_fused_path_equals_torch_path(monkeypatch, residency, checkpoint_
         monkeypatch.undo()
         for k in names:
             assert np.array_equal(fused[k][1], plain[k][1]), (method, k)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("merge_func", ["sum", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generated_weighted_sum_is_bit_identical_to_torch_path(n, merge_func, dtype):
+    from searchmerge.store.stages import weighted_sum_into
+
+    taus, _, base = _inputs(n, 3001, seed=20 + n)
+    taus = [t.to(dtype) for t in taus]
+    c = Combine(tuple([0.7, 1.3, -0.4, 1.0, 0.25, 2.0, 0.9][:n]), 0.37, None, merge_func)
+    want = weighted_sum_into(c, base, taus, torch.empty(3001))
+    out = np.empty(3001, dtype=np.float32)
+    kernels.weighted_sum_into([kernels.as_kernel_array(t) for t in taus], c.weight, mean=merge_func == "mean",
+                              lambda_=c.lambda_, base=base.numpy(), out=out)
+    assert torch.equal(torch.from_numpy(out).view(torch.int32), want.view(torch.int32))
+
+
+def test_generated_source_is_written_once_and_reused(tmp_path, monkeypatch):
+    """The per-N source lands in the cache folder under its content hash; a second load reuses the file."""
+    monkeypatch.setenv("SEARCHMERGE_CACHE", str(tmp_path))
+    kernels._generated.cache_clear()
+    try:
+        fn = kernels._generated("weighted_sum", 3)
+        files = sorted(p.name for p in (tmp_path / "kernels").glob("*.py"))
+        assert len(files) == 1 and files[0].startswith("searchmerge_weighted_sum_n3_")
+        assert (tmp_path / "kernels" / files[0]).read_text() == kernels.weighted_sum_source(3)
+        kernels._generated.cache_clear()
+        assert kernels._generated("weighted_sum", 3) is not fn  # re-imported from the same file
+        assert sorted(p.name for p in (tmp_path / "kernels").glob("*.py")) == files
+    finally:
+        kernels._generated.cache_clear()

@@ -299,7 +299,13 @@ class ShardWorker:
             target = (dst if dst is not None and dst.dtype == out_dtype and dst.is_contiguous()
                       and dst.device == base.device else None)
             target = target if target is not None else torch.empty(base.shape, dtype=out_dtype, device=base.device)
-            weighted_sum_into(comb, base, taus, target)
+            if self._zero_copy_kernel(base, taus, target):
+                kernels.weighted_sum_into(
+                    [kernels.as_kernel_array(t.reshape(-1)) for t in taus], comb.weight, mean=comb.merge_func == "mean",
+                    lambda_=comb.lambda_, base=base.reshape(-1).numpy(), out=target.detach().view(-1).numpy(),
+                )
+            else:
+                weighted_sum_into(comb, base, taus, target)
             if dst is not None and target is not dst:
                 dst.copy_(target)
                 return dst
@@ -327,6 +333,14 @@ class ShardWorker:
             return dst
         return target
 
+    @staticmethod
+    def _zero_copy_kernel(base: torch.Tensor, sources: Sequence[torch.Tensor], out: torch.Tensor) -> bool:
+        """Whether the numba kernels can read ``sources``/``base`` and write ``out`` in place: CPU, float32 base and
+        output, and inputs all float32 or all bfloat16."""
+        return (kernels.available() and base.device.type == "cpu" and base.dtype == F32 and out.dtype == F32
+                and out.is_contiguous() and len({x.dtype for x in sources}) == 1
+                and sources[0].dtype in (F32, torch.bfloat16) and len(sources) <= kernels.MAX_SUM_MODELS)
+
     def _merge_fused(self, comb: Combine, reprs: Sequence[Sparse], taus: Sequence[torch.Tensor], base: torch.Tensor,
                      dst: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
         """``base + combine(stage(τ))`` in one fused CPU pass per chunk (:mod:`~searchmerge.store.kernels`): the
@@ -339,9 +353,7 @@ class ShardWorker:
         bits = [None if r.dense is not None else r.bits for r in reprs]
         ops = [("none",) if r.dense is not None else r.op for r in reprs]
         n = flat_base.numel()
-        # zero-copy when base and output are float32 and the τ all float32 or all bfloat16 (widened in the kernel)
-        whole = flat_out.dtype == F32 and flat_base.dtype == F32 and len({x.dtype for x in sources}) == 1 \
-            and sources[0].dtype in (F32, torch.bfloat16)
+        whole = self._zero_copy_kernel(flat_base, sources, flat_out)  # else: float32 copies chunk by chunk
         step = n if whole else self.chunk * 4
         for s in range(0, n, max(step, 8)):
             e = min(n, s + step)
