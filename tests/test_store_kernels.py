@@ -33,12 +33,12 @@ def _fused(c: Combine, taus, sparse, base, step: int) -> torch.Tensor:
     m = base.numel()
     out = np.empty(m, dtype=np.float32)
     src = [s.dense if s.dense is not None else t for s, t in zip(sparse, taus)]
+    pattern = kernels.keep_pattern([None if s.dense is not None else s.bits for s in sparse], m)
     for s0 in range(0, m, step):
         e = min(m, s0 + step)
         kernels.fused_combine_into(
-            [x.numpy()[s0:e] for x in src], [None if s.dense is not None else s.bits for s in sparse],
-            [("none",) if s.dense is not None else s.op for s in sparse], c.weight, bit_start=s0,
-            consensus=c.consensus, merge_func=c.merge_func, lambda_=c.lambda_, base=base.numpy()[s0:e],
+            [x.numpy()[s0:e] for x in src], pattern[s0:e], [("none",) if s.dense is not None else s.op for s in sparse],
+            c.weight, consensus=c.consensus, merge_func=c.merge_func, lambda_=c.lambda_, base=base.numpy()[s0:e],
             out=out[s0:e],
         )
     return torch.from_numpy(out)
@@ -54,7 +54,7 @@ def test_fused_combine_is_bit_identical_to_core(n, consensus, merge_func):
     weights = tuple([0.7, 1.3, -0.4, 1.0, 0.25, 2.0, 0.9, 0.6, 1.1][:n])
     c = Combine(weights, 0.37, consensus, merge_func)
     want = base + combine(c, [s.chunk(t, 0, t.numel()) for s, t in zip(sparse, taus)])
-    for step in (10_011, 4096, 8):  # whole, blocks, and tiny chunks at bit offsets that are multiples of 8
+    for step in (10_011, 4096, 7):  # whole, and chunks at odd offsets
         got = _fused(c, taus, sparse, base, step)
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), step  # bits, signed zeros included
 
@@ -75,8 +75,9 @@ def test_bfloat16_inputs_are_widened_exactly():
     want = base + combine(c, [s.chunk(t.float(), 0, t.numel()) for s, t in zip(sparse, t16)])
     out = np.empty(5003, dtype=np.float32)
     kernels.fused_combine_into(
-        [kernels.as_kernel_array(t) for t in t16], [s.bits for s in sparse], [s.op for s in sparse], c.weight,
-        bit_start=0, consensus=c.consensus, merge_func=c.merge_func, lambda_=c.lambda_, base=base.numpy(), out=out,
+        [kernels.as_kernel_array(t) for t in t16], kernels.keep_pattern([s.bits for s in sparse], 5003),
+        [s.op for s in sparse], c.weight, consensus=c.consensus, merge_func=c.merge_func, lambda_=c.lambda_,
+        base=base.numpy(), out=out,
     )
     assert torch.equal(torch.from_numpy(out), want)
 
@@ -126,16 +127,37 @@ def test_generated_weighted_sum_is_bit_identical_to_torch_path(n, merge_func, dt
 
 
 def test_generated_source_is_written_once_and_reused(tmp_path, monkeypatch):
-    """The per-N source lands in the cache folder under its content hash; a second load reuses the file."""
+    """A configuration's source lands in the cache folder under its content hash; a second load reuses the file."""
     monkeypatch.setenv("SEARCHMERGE_CACHE", str(tmp_path))
-    kernels._generated.cache_clear()
+    kernels.compiled.cache_clear()
     try:
-        fn = kernels._generated("weighted_sum", 3)
-        files = sorted(p.name for p in (tmp_path / "kernels").glob("*.py"))
-        assert len(files) == 1 and files[0].startswith("searchmerge_weighted_sum_n3_")
-        assert (tmp_path / "kernels" / files[0]).read_text() == kernels.weighted_sum_source(3)
-        kernels._generated.cache_clear()
-        assert kernels._generated("weighted_sum", 3) is not fn  # re-imported from the same file
-        assert sorted(p.name for p in (tmp_path / "kernels").glob("*.py")) == files
+        src = kernels.combine_source(3, True, ["none", "div", "mul"], "sum", "mean")
+        fn = kernels.compiled(src)
+        files = sorted((tmp_path / "kernels").glob("*.py"))
+        assert len(files) == 1 and files[0].read_text() == src
+        kernels.compiled.cache_clear()
+        assert kernels.compiled(src) is not fn  # imported again, from the same file
+        assert sorted((tmp_path / "kernels").glob("*.py")) == files
     finally:
-        kernels._generated.cache_clear()
+        kernels.compiled.cache_clear()
+
+
+def test_bad_kernel_inputs_are_refused():
+    x = np.zeros(16, dtype=np.float32)
+    with pytest.raises(ValueError):
+        kernels.fused_combine_into([x], np.zeros(16, np.uint16), [("none",)], [1.0], consensus="sum",
+                                   merge_func="sum", lambda_=1.0, base=x, out=x.copy())
+    with pytest.raises(ValueError):
+        kernels.weighted_sum_into([x, x[:8]], [1.0, 1.0], mean=False, lambda_=1.0, base=x, out=x.copy())
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 9, 17])
+def test_keep_pattern_bits(n):
+    g = torch.Generator().manual_seed(n)
+    masks = [torch.rand(37, generator=g) < 0.5 for _ in range(n)]
+    bits = [None if i == 1 else pack_mask(m) for i, m in enumerate(masks)]
+    p = kernels.keep_pattern(bits, 37)
+    assert p.dtype == kernels.pattern_dtype(n) and p.itemsize == (1 if n <= 8 else 2 if n <= 16 else 4)
+    for i, m in enumerate(masks):
+        want = np.ones(37, bool) if i == 1 else m.numpy()
+        assert np.array_equal((p >> i) & 1 == 1, want)

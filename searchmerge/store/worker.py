@@ -315,8 +315,8 @@ class ShardWorker:
             if self.unit_cache_fits:  # all of this shard's merged deltas fit: else masks only (no crowding out)
                 return self._merge_unit_weights(key, k, stage, comb, taus, sel, base, dst, out_dtype)
         reprs = [Sparse(t.numel()) for t in taus] if stage.trivial else self._sparse(k, stage, sel)
-        if base.device.type == "cpu" and kernels.available():
-            return self._merge_fused(comb, reprs, taus, base, dst, out_dtype)
+        if base.device.type == "cpu" and kernels.available() and len(taus) <= kernels.MAX_MODELS:
+            return self._merge_fused(comb, reprs, self._keep_pattern(k, stage, sel, reprs), taus, base, dst, out_dtype)
         direct = dst is not None and dst.dtype == out_dtype and dst.is_contiguous() and dst.device == base.device
         target = dst if direct else torch.empty(base.shape, dtype=out_dtype, device=base.device)
         flat = target.view(-1)
@@ -339,10 +339,23 @@ class ShardWorker:
         output, and inputs all float32 or all bfloat16."""
         return (kernels.available() and base.device.type == "cpu" and base.dtype == F32 and out.dtype == F32
                 and out.is_contiguous() and len({x.dtype for x in sources}) == 1
-                and sources[0].dtype in (F32, torch.bfloat16) and len(sources) <= kernels.MAX_SUM_MODELS)
+                and sources[0].dtype in (F32, torch.bfloat16) and len(sources) <= kernels.MAX_MODELS)
 
-    def _merge_fused(self, comb: Combine, reprs: Sequence[Sparse], taus: Sequence[torch.Tensor], base: torch.Tensor,
-                     dst: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    def _keep_pattern(self, k: str, stage: Stage, sel: Sequence[int], reprs: Sequence[Sparse]) -> np.ndarray | None:
+        """Which models keep each entry, one byte (word) per entry, cached beside the masks (``None``: all kept)."""
+        bits = [None if r.dense is not None else r.bits for r in reprs]
+        if all(b is None for b in bits):
+            return None
+        key = ("pattern", k, stage, tuple(sel))
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = kernels.keep_pattern(bits, reprs[0].numel)
+            self.cache.put(key, hit, hit.nbytes)
+        return hit
+
+    def _merge_fused(self, comb: Combine, reprs: Sequence[Sparse], pattern: np.ndarray | None,
+                     taus: Sequence[torch.Tensor], base: torch.Tensor, dst: torch.Tensor | None,
+                     out_dtype: torch.dtype) -> torch.Tensor:
         """``base + combine(stage(τ))`` in one fused CPU pass per chunk (:mod:`~searchmerge.store.kernels`): the
         sign election with per-model weights at about the cost of a weighted sum. Float32 (and bfloat16 τ) are
         passed whole, zero-copy; other dtypes are converted chunk by chunk."""
@@ -350,17 +363,16 @@ class ShardWorker:
         target = dst if direct else torch.empty(base.shape, dtype=out_dtype, device=base.device)
         flat_out, flat_base = target.detach().view(-1), base.reshape(-1)
         sources = [r.dense.reshape(-1) if r.dense is not None else t.reshape(-1) for r, t in zip(reprs, taus)]
-        bits = [None if r.dense is not None else r.bits for r in reprs]
         ops = [("none",) if r.dense is not None else r.op for r in reprs]
         n = flat_base.numel()
         whole = self._zero_copy_kernel(flat_base, sources, flat_out)  # else: float32 copies chunk by chunk
         step = n if whole else self.chunk * 4
-        for s in range(0, n, max(step, 8)):
+        for s in range(0, n, max(step, 1)):
             e = min(n, s + step)
             out32 = flat_out[s:e] if whole else torch.empty(e - s, dtype=F32)
             kernels.fused_combine_into(
                 [kernels.as_kernel_array(x[s:e]) if whole else x[s:e].to(F32).numpy() for x in sources],
-                bits, ops, comb.weight, bit_start=s,
+                None if pattern is None else pattern[s:e], ops, comb.weight,
                 consensus=comb.consensus, merge_func=comb.merge_func, lambda_=comb.lambda_,
                 base=flat_base[s:e].to(F32).numpy(), out=out32.numpy(),
             )
