@@ -10,10 +10,11 @@
 (c) searchmerge's resident path: ``TaskVectorStore.merge_into(recipe, evaluator)`` into a model that lives on the
     store's actor (1 actor, 1 torch thread): no disk, no re-instantiation. Every path runs 1 torch thread.
 
-Each timed trial uses a new λ (a real new trial); density is fixed as in a λ search, so the store's mask cache
-hits after the first trial (its cold time is printed separately). The bound for (c) is the bytes a merge must
-touch (read θ₀ and the N task vectors, plus the N bit-packed masks for the TIES family, write the merged
-weights) divided by the copy bandwidth measured here with ``torch`` ``copy_`` of a large buffer.
+Each timed trial uses a new λ (and, for the weighted row, new per-model weights): a real new trial; density is
+fixed as in a coefficient search, so the store's mask cache hits after the first trial (its cold time is printed
+separately). The bound for (c) is the bytes a merge must touch (read θ₀ and the N task vectors, plus the N
+bit-packed masks for the TIES family, write the merged weights) divided by the copy bandwidth measured with
+``torch`` ``copy_`` of a large buffer right before that row's trials (the shared machine's bandwidth drifts).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def main() -> None:
                     help="torch threads for every path (1: two threads stall each other on a busy 2-core box)")
     args = ap.parse_args()
     n_params = 10_000_000 if args.small else 100_000_000
-    trials = args.trials or (3 if args.small else 5)
+    trials = args.trials or (3 if args.small else 9)
     btrials = args.baseline_trials or (1 if args.small else 2)
     zoo_dir = Path(args.zoo or f"/tmp/searchmerge-store-zoo{'-small' if args.small else ''}")
     torch.set_num_threads(args.threads)
@@ -157,7 +158,8 @@ def main() -> None:
             for res, (s, ev) in stores.items():
                 res_bytes = 2 if res == "bfloat16" else 4
                 touched = P * 4 + N * P * res_bytes + P * 4 + (N * P / 8 if ties_family else 0)
-                bound = touched / bw
+                row_bw = copy_bandwidth(256 * 1024**2)  # this moment's bandwidth: the shared box drifts by ±50%
+                bound = touched / row_bw
                 s.clear_cache()
                 t0 = time.perf_counter()
                 s.merge_into(trial_recipe(data, 0), ev)
@@ -171,8 +173,9 @@ def main() -> None:
                     scale = max(ref[k].float().abs().max().item() for k in ref if ref[k].is_floating_point())
                     err = (err, scale)
                 st = s.stats()
-                rows.append(dict(method=name, res=res, a=a, b=b, c=c, cold=cold, bound=bound, err=err,
-                                 rss=st["peak_rss_bytes"], resident=st["resident_bytes"], cache=st["cache_bytes"],
+                rows.append(dict(method=name, res=res, a=a, b=b, c=c, cold=cold, bound=bound, bw=row_bw, err=err,
+                                 rss=st["peak_rss_bytes"], anon=max(a["rss_anon_bytes"] for a in st["actors"]),
+                                 resident=st["resident_bytes"], cache=st["cache_bytes"],
                                  ev=st["evaluator_bytes"], limit=st["bound_bytes"]))
                 print(f"{name} [{res}]: (c) {c * 1e3:.0f} ms (cold {cold:.2f} s), bound {bound * 1e3:.0f} ms", flush=True)
         print()
@@ -180,20 +183,22 @@ def main() -> None:
               f"torch threads {args.threads}; baseline trials {btrials}, resident trials {trials} (median)")
         print()
         print("| method | residency | (a) reload+merge+from_pretrained | (b) merge to disk + from_pretrained "
-              "| (c) resident merge_into | (c) first trial (cold cache) | (a)/(c) | (b)/(c) | bandwidth bound | (c)/bound |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "| (c) resident merge_into | (c) first trial (cold cache) | (a)/(c) | (b)/(c) | copy bandwidth "
+              "| bandwidth bound | (c)/bound |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['method']} | {r['res']} | {r['a']:.2f} s | {r['b']:.2f} s | {r['c'] * 1e3:.0f} ms | "
-                  f"{r['cold']:.2f} s | {r['a'] / r['c']:.1f} | {r['b'] / r['c']:.1f} | {r['bound'] * 1e3:.0f} ms | "
+                  f"{r['cold']:.2f} s | {r['a'] / r['c']:.1f} | {r['b'] / r['c']:.1f} | {r['bw'] / 1e9:.1f} GB/s | "
+                  f"{r['bound'] * 1e3:.0f} ms | "
                   f"{r['c'] / r['bound']:.2f} |")
         print()
-        print("| method | residency | resident bytes | mask cache | co-located eval model | actor peak RSS | "
-              "1.2·(N+1)·P·4 | bf16 max abs err (vs fp32 residency) / max |w| |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| method | residency | resident bytes | mask cache | co-located eval model | actor anon RSS now | "
+              "actor peak RSS (incl. mmap'd checkpoints) | 1.2·(N+1)·P·4 | bf16 max abs err (vs fp32 residency) / max |w| |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             err = "" if r["err"] is None else f"{r['err'][0]:.2e} / {r['err'][1]:.2f}"
             print(f"| {r['method']} | {r['res']} | {r['resident'] / 1e9:.2f} GB | {r['cache'] / 1e6:.0f} MB | "
-                  f"{r['ev'] / 1e9:.2f} GB | {r['rss'] / 1e9:.2f} GB | {r['limit'] / 1e9:.2f} GB | {err} |")
+                  f"{r['ev'] / 1e9:.2f} GB | {r['anon'] / 1e9:.2f} GB | {r['rss'] / 1e9:.2f} GB | {r['limit'] / 1e9:.2f} GB | {err} |")
     finally:
         for s, _ in locals().get("stores", {}).values():
             s.close()
