@@ -42,7 +42,7 @@ from searchmerge.merge import merge as core_merge  # noqa: E402
 from searchmerge.recipe import recipe_from_dict  # noqa: E402
 from searchmerge.synthetic import make_synthetic_zoo  # noqa: E402
 
-LAMBDAS = [0.3, 0.35, 0.25, 0.4, 0.2, 0.45, 0.3]
+LAMBDAS = [0.3, 0.35, 0.25, 0.4, 0.2, 0.45, 0.3, 0.32, 0.38, 0.27, 0.42, 0.22]  # one per trial (9 resident + cold)
 
 
 def recipes(base: Path, fts: list[Path]) -> dict[str, dict]:
