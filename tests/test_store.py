@@ -325,3 +325,24 @@ def test_weighted_ties_family_on_bf16_checkpoints_is_exact(ray_session, zoo):
                               ("dare_linear", None)]:
             r = make_recipe(method, scope)
             assert_same(s.merge(r), core_merge(r, base=base16, models=models16), exact=True)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_store_on_cuda_matches_core(ray_session, zoo):
+    """Shards resident in GPU memory (one GPU per actor) give the merge core's tensors."""
+    base, models = zoo
+    with build_store(base, models, names=NAMES, device="cuda") as s:
+        assert all(a["device"].startswith("cuda") for a in s.stats()["actors"])
+        for method, scope in [("task_arithmetic", None), ("ties", "tensor"), ("ties", "model"), ("dare_ties", "model"),
+                              ("della", None), ("dare_linear", None)]:
+            r = make_recipe(method, scope)
+            assert_same(s.merge(r), core(r, zoo), exact=False, atol=1e-6)
+
+
+def test_auto_device_is_cpu_without_gpus(ray_session, zoo):
+    base, models = zoo
+    if ray_session.available_resources().get("GPU", 0) > 0:
+        pytest.skip("this Ray cluster has GPUs")
+    with build_store(base, models, names=NAMES, device="auto") as s:
+        assert {a["device"] for a in s.stats()["actors"]} == {"cpu"}

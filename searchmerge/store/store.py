@@ -130,6 +130,8 @@ class TaskVectorStore:
             return str(s)
 
         self._sources = [source(base), *[source(m) for m in models]]
+        if device == "auto":  # a GPU per actor when the cluster has them free, else CPU memory
+            device = "cuda" if ray.available_resources().get("GPU", 0.0) >= num_actors else "cpu"
         gpu = device.startswith("cuda")
         free = ray.available_resources().get("CPU", 0.0)
         if cpus_per_actor * num_actors > free + 1e-9:
