@@ -254,26 +254,33 @@ def _tokenizer(base_folder: str):  # noqa: ANN202
     return AutoTokenizer.from_pretrained(base_folder)
 
 
-@_register
-class SeqClsFamily(Family):
-    name = "seqcls"
+class TransformersFamily(Family):
+    """A ``transformers`` checkpoint folder, loaded and rebuilt through one auto class."""
+
+    auto_class = "AutoModel"
+
+    def _auto(self):  # noqa: ANN202
+        import transformers
+
+        return getattr(transformers, self.auto_class)
 
     def load_folder(self, folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        from transformers import AutoModel
-
-        model = AutoModel.from_pretrained(str(folder))
+        model = self._auto().from_pretrained(str(folder))
         cfg = model.config.to_dict()
         return cfg, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    def feature_dim(self, config: dict[str, Any]) -> int | None:
-        return int(config["hidden_size"])
-
     def build(self, config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> nn.Module:
-        from transformers import AutoModel
-
-        model = AutoModel.from_config(_config_from_dict(config))
+        model = self._auto().from_config(_config_from_dict(config))
         model.load_state_dict(state_dict, strict=True)
         return model.eval()
+
+
+@_register
+class SeqClsFamily(TransformersFamily):
+    name = "seqcls"
+
+    def feature_dim(self, config: dict[str, Any]) -> int | None:
+        return int(config["hidden_size"])
 
     def preprocess(self, task: Any, split: str, base_folder: str) -> dict[str, np.ndarray]:
         tok = _tokenizer(base_folder)
@@ -320,23 +327,10 @@ class SeqClsFamily(Family):
 
 
 @_register
-class CausalMCFamily(Family):
+class CausalMCFamily(TransformersFamily):
     name = "causal_lm_mc"
+    auto_class = "AutoModelForCausalLM"
     needs_heads = False
-
-    def load_folder(self, folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(folder))
-        cfg = model.config.to_dict()
-        return cfg, {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def build(self, config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> nn.Module:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_config(_config_from_dict(config))
-        model.load_state_dict(state_dict, strict=True)
-        return model.eval()
 
     def preprocess(self, task: Any, split: str, base_folder: str) -> dict[str, np.ndarray]:
         tok = _tokenizer(base_folder)
