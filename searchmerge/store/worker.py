@@ -95,6 +95,21 @@ def _rss_anon() -> int:
     return 0
 
 
+def _output(dst: torch.Tensor | None, base: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Where a merged tensor is computed: ``dst`` itself when it can be written in place, else a new tensor."""
+    if dst is not None and dst.dtype == out_dtype and dst.is_contiguous() and dst.device == base.device:
+        return dst
+    return torch.empty(base.shape, dtype=out_dtype, device=base.device)
+
+
+def _deliver(target: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
+    """``dst`` filled with ``target`` (a no-op when it was computed in place), or ``target`` when there is no ``dst``."""
+    if dst is None or target is dst:
+        return target
+    dst.copy_(target)
+    return dst
+
+
 def _reader(src: Any, allow_pickle: bool):
     if isinstance(src, dict):  # {name: (dtype tag, ndarray)} from the object store
         return StateDictReader({k: from_numpy(v) for k, v in src.items()})
@@ -289,16 +304,11 @@ class ShardWorker:
                 rng=tensor_rng(recipe.seed, k) if spec.uses_rng else None, stats=stats,
                 compute_dtype=DTYPES[recipe.dtype], inputs_are_deltas=True,
             ).to(out_dtype)
-            if dst is None:
-                return out
-            dst.copy_(out)
-            return dst
+            return _deliver(out, dst)
         stage, comb = split
         taus = [self.taus[k][i] for i in sel]
         if stage.trivial and comb.consensus is None and taus:  # task arithmetic: fused, bandwidth-bound path
-            target = (dst if dst is not None and dst.dtype == out_dtype and dst.is_contiguous()
-                      and dst.device == base.device else None)
-            target = target if target is not None else torch.empty(base.shape, dtype=out_dtype, device=base.device)
+            target = _output(dst, base, out_dtype)
             if self._zero_copy_kernel(base, taus, target):
                 kernels.weighted_sum_into(
                     [kernels.as_kernel_array(t.reshape(-1)) for t in taus], comb.weight, mean=comb.merge_func == "mean",
@@ -306,10 +316,7 @@ class ShardWorker:
                 )
             else:
                 weighted_sum_into(comb, base, taus, target)
-            if dst is not None and target is not dst:
-                dst.copy_(target)
-                return dst
-            return target
+            return _deliver(target, dst)
         if not stage.trivial and all(w == 1.0 for w in comb.weight):
             key = ("combined", k, stage, comb.consensus, comb.merge_func, tuple(sel))
             if self.unit_cache_fits:  # all of this shard's merged deltas fit: else masks only (no crowding out)
@@ -317,8 +324,7 @@ class ShardWorker:
         reprs = [Sparse(t.numel()) for t in taus] if stage.trivial else self._sparse(k, stage, sel)
         if base.device.type == "cpu" and kernels.available() and len(taus) <= kernels.MAX_MODELS:
             return self._merge_fused(comb, reprs, self._keep_pattern(k, stage, sel, reprs), taus, base, dst, out_dtype)
-        direct = dst is not None and dst.dtype == out_dtype and dst.is_contiguous() and dst.device == base.device
-        target = dst if direct else torch.empty(base.shape, dtype=out_dtype, device=base.device)
+        target = _output(dst, base, out_dtype)
         flat = target.view(-1)
         b = base.reshape(-1)
         n = b.numel()
@@ -328,10 +334,7 @@ class ShardWorker:
             e = min(n, s + step)
             merged = b[s:e].to(F32) + combine(comb, [r.chunk(t, s, e) for r, t in zip(reprs, taus)])
             flat[s:e].copy_(merged)
-        if dst is not None and not direct:
-            dst.copy_(target)
-            return dst
-        return target
+        return _deliver(target, dst)
 
     @staticmethod
     def _zero_copy_kernel(base: torch.Tensor, sources: Sequence[torch.Tensor], out: torch.Tensor) -> bool:
@@ -359,8 +362,7 @@ class ShardWorker:
         """``base + combine(stage(τ))`` in one fused CPU pass per chunk (:mod:`~searchmerge.store.kernels`): the
         sign election with per-model weights at about the cost of a weighted sum. Float32 (and bfloat16 τ) are
         passed whole, zero-copy; other dtypes are converted chunk by chunk."""
-        direct = dst is not None and dst.dtype == out_dtype and dst.is_contiguous() and dst.device == base.device
-        target = dst if direct else torch.empty(base.shape, dtype=out_dtype, device=base.device)
+        target = _output(dst, base, out_dtype)
         flat_out, flat_base = target.detach().view(-1), base.reshape(-1)
         sources = [r.dense.reshape(-1) if r.dense is not None else t.reshape(-1) for r, t in zip(reprs, taus)]
         ops = [("none",) if r.dense is not None else r.op for r in reprs]
@@ -378,10 +380,7 @@ class ShardWorker:
             )
             if not whole:
                 flat_out[s:e].copy_(out32)
-        if dst is not None and not direct:
-            dst.copy_(target)
-            return dst
-        return target
+        return _deliver(target, dst)
 
     def _merge_unit_weights(self, key: Any, k: str, stage: Stage, comb: Combine, taus: list[torch.Tensor],
                             sel: Sequence[int], base: torch.Tensor, dst: torch.Tensor | None,
@@ -398,13 +397,9 @@ class ShardWorker:
                 e = min(base.numel(), s + self.chunk * 4)
                 unscaled[s:e] = combine(unit, [r.chunk(t, s, e) for r, t in zip(reprs, taus)])
             self.cache.put(key, unscaled, unscaled.numel() * unscaled.element_size())
-        target = (dst if dst is not None and dst.dtype == out_dtype and dst.is_contiguous()
-                  and dst.device == base.device else torch.empty(base.shape, dtype=out_dtype, device=base.device))
+        target = _output(dst, base, out_dtype)
         scale_add_into(base, unscaled, comb.lambda_, target)
-        if dst is not None and target is not dst:
-            dst.copy_(target)
-            return dst
-        return target
+        return _deliver(target, dst)
 
     def merge(self, recipe: Recipe, sel: Sequence[int], stats: Any, out_dtype: str | None) -> dict[str, Any]:
         """Merged tensors of this shard, as numpy (zero-copy through the object store)."""
