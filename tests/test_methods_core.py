@@ -297,3 +297,22 @@ def test_magnitude_mask_equals_stable_argsort_top_k():
         expected[order] = 1
         got = magnitude_mask(delta, density)
         assert torch.equal(got.reshape(-1), expected) and int(got.sum()) == k
+
+
+def test_outlier_mask_equals_stable_argsort_ranks():
+    """Breadcrumbs' O(n) selection keeps exactly the entries ranked [n_bot, n − n_top) by a stable argsort."""
+    from searchmerge.methods.sparsify import outlier_mask
+
+    g = torch.Generator().manual_seed(1)
+    for density, gamma in [(0.05, 0.01), (0.2, 0.1), (0.5, 0.05), (0.9, 0.2), (0.93, 0.0), (0.3, 0.0)]:
+        delta = torch.randint(-5, 6, (37, 11), generator=g).float()  # many ties
+        n = delta.numel()
+        target, n_top = int(density * n), int(gamma * n)
+        n_bot = n - target - n_top
+        if n_bot < 0:
+            n_top, n_bot = n_top + n_bot, 0
+        order = torch.argsort(delta.abs().reshape(-1), stable=True)
+        expected = torch.zeros(n)
+        expected[order[n_bot : n - n_top]] = 1
+        got = outlier_mask(delta, density, gamma)
+        assert torch.equal(got.reshape(-1), expected), (density, gamma)
