@@ -173,6 +173,17 @@ def compiled(src: str) -> Callable[..., None]:
         return namespace["kernel"]
 
 
+@lru_cache(maxsize=256)
+def _combine_kernel(n: int, patterned: bool, ops: tuple[str, ...], consensus: str | None, merge_func: str):  # noqa: ANN202
+    """Per-configuration lookup, so a trial's per-tensor calls neither rebuild nor hash the source text."""
+    return compiled(combine_source(n, patterned, ops, consensus, merge_func))
+
+
+@lru_cache(maxsize=64)
+def _weighted_sum_kernel(n: int):  # noqa: ANN202
+    return compiled(weighted_sum_source(n))
+
+
 # --- API ---------------------------------------------------------------------------------------------
 
 
@@ -206,7 +217,7 @@ def weighted_sum_into(
     _check(vals, base, out)
     total = float(sum(weights))
     div = (total if abs(total) >= 1e-8 else 1.0) if mean else 1.0
-    compiled(weighted_sum_source(len(vals)))(
+    _weighted_sum_kernel(len(vals))(
         *vals, np.asarray(list(weights), dtype=np.float32), np.float32(div), _f32(lambda_), base, out
     )
 
@@ -234,9 +245,9 @@ def fused_combine_into(
         raise ValueError(f"fused_combine_into: consensus {consensus!r}, merge_func {merge_func!r}.")
     if pattern is not None and (len(pattern) != len(out) or pattern.dtype != pattern_dtype(len(vals))):
         raise ValueError(f"fused_combine_into: keep pattern of {len(pattern)} {pattern.dtype} for {len(out)} entries.")
-    src = combine_source(len(vals), pattern is not None, [op[0] for op in ops], consensus, merge_func)
+    kernel = _combine_kernel(len(vals), pattern is not None, tuple(op[0] for op in ops), consensus, merge_func)
     total = float(sum(weights))
-    compiled(src)(
+    kernel(
         *vals,
         *(() if pattern is None else (pattern,)),
         np.array([_f32(op[1]) if op[0] != "none" else 1.0 for op in ops], dtype=np.float32),
