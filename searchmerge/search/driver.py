@@ -1,0 +1,187 @@
+"""The search driver: Ray Tune drives trials; each trial merges a sampled recipe on the resident store into a
+resident evaluation model (no checkpoint read from disk) and scores the search split chunk by chunk.
+
+Concurrency k = k store replicas, each with its own resident evaluation model; a Tune trial process pins
+one replica for its lifetime (``reuse_actors=True`` keeps the processes), so trials run asynchronously
+with no generation barrier. Identical recipes are evaluated once. The report split is read only after the
+search, for the best recipe (or every front member) and the fixed baselines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from searchmerge.errors import SearchmergeError
+from searchmerge.search.evaluation import (
+    build_eval_module, chunk_features, new_scorer, objective_values, plan_chunks, predict_chunk, split_features,
+)
+from searchmerge.search.space import Space, build_space
+from searchmerge.search.spec import SearchSpec, SearchSpecError
+
+TUNE_DIR = "tune"
+
+
+def recipe_key(yaml_text: str) -> str:
+    return hashlib.blake2b(yaml_text.encode(), digest_size=12).hexdigest()
+
+
+# --- the coordinator: replica pins, the duplicate cache, the failure count ---------------------------------
+
+
+class Coordinator:
+    def __init__(self, n_replicas: int, known: dict[str, dict[str, Any]]) -> None:
+        self.holders: dict[int, int] = {}  # replica -> pid
+        self.n = n_replicas
+        self.results = dict(known)
+        self.failures = 0
+
+    def pin(self, pid: int) -> int | None:
+        for r, p in self.holders.items():
+            if p == pid:
+                return r
+        for r in range(self.n):
+            h = self.holders.get(r)
+            if h is None or not _alive(h):
+                self.holders[r] = pid
+                return r
+        return None
+
+    def lookup(self, key: str) -> dict[str, Any] | None:
+        return self.results.get(key)
+
+    def put(self, key: str, result: dict[str, Any]) -> None:
+        self.results[key] = result
+
+    def fail(self) -> int:
+        self.failures += 1
+        return self.failures
+
+    def failure_count(self) -> int:
+        return self.failures
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+# --- the trial ------------------------------------------------------------------------------------------
+
+
+def evaluate_resident(store: Any, evaluator: Any, recipe: Any, features: dict[str, Any],
+                      chunks: list[tuple[str, np.ndarray]], scorer: Any, on_chunk: Any = None) -> dict[str, Any]:
+    """Merge ``recipe`` into the resident model, then score ``chunks``; ``on_chunk(partial)`` after each."""
+    t0 = time.perf_counter()
+    store.merge_into(recipe, evaluator)
+    merge_s = time.perf_counter() - t0
+    for task, idx in chunks:
+        preds = evaluator.run(predict_chunk, task, chunk_features(features, task, idx))
+        scorer.add(task, idx, np.asarray(preds))
+        if on_chunk is not None:
+            on_chunk(scorer.report(), merge_s, time.perf_counter() - t0 - merge_s)
+    final = scorer.report(final=True)
+    return {"result": final, "merge_s": merge_s, "eval_s": time.perf_counter() - t0 - merge_s}
+
+
+def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    import ray
+    from ray import tune
+
+    space: Space = ctx["space"]
+    coord = ctx["coord"]
+    start = time.time()
+    recipe = space.to_recipe(config, seed=ctx["seed"])
+    text = recipe.to_yaml()
+    key = recipe_key(text)
+    base = {"recipe_yaml": text, "recipe_key": key, "method": recipe.method, "start_time": start}
+    cached = ray.get(coord.lookup.remote(key))
+    if cached is not None:
+        tune.report({**cached, **base, "duplicate": True, "merge_s": 0.0, "eval_s": 0.0, "end_time": time.time()})
+        return
+    replica = None
+    while replica is None:
+        replica = ray.get(coord.pin.remote(os.getpid()))
+        if replica is None:
+            time.sleep(0.05)
+    store, evaluator = ctx["replicas"][replica]
+    scorer = new_scorer(ctx["bench"], ctx["split"], space.models)
+    total = ctx["total"]
+
+    def on_chunk(partial: dict[str, Any], merge_s: float, eval_s: float) -> None:
+        vals = objective_values(partial)
+        if partial["n"] < total:
+            tune.report({**vals, "examples": partial["n"], "done": False, **base})
+
+    try:
+        out = evaluate_resident(store, evaluator, recipe, ctx["features"], ctx["chunks"], scorer, on_chunk)
+        vals = objective_values(out["result"])
+        if any(not math.isfinite(v) for v in vals.values()):
+            raise SearchmergeError(f"non-finite metrics {vals}")
+    except Exception:
+        ray.get(coord.fail.remote())
+        raise
+    final = {**vals, "examples": out["result"]["n"], "done": True, "duplicate": False}
+    ray.get(coord.put.remote(key, {k: final[k] for k in vals} | {"examples": final["examples"], "done": True}))
+    tune.report({**final, **base, "merge_s": out["merge_s"], "eval_s": out["eval_s"], "end_time": time.time()})
+
+
+# --- searchers ------------------------------------------------------------------------------------------
+
+
+def make_searcher(spec: SearchSpec, space: Space, points: list[dict[str, Any]]):  # noqa: ANN201
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    metrics = [o.key for o in spec.objectives]
+    modes = [o.mode for o in spec.objectives]
+    metric, mode = (metrics[0], modes[0]) if len(metrics) == 1 else (metrics, modes)
+    name = spec.searcher
+    if name in ("random", "grid"):
+        return BasicVariantGenerator(points_to_evaluate=points or None, random_state=spec.seed,
+                                     max_concurrent=spec.concurrency)
+    if name.startswith("optuna_"):
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        samplers = {
+            "optuna_tpe": lambda: optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, group=True),
+            "optuna_cmaes": lambda: optuna.samplers.CmaEsSampler(seed=spec.seed, warn_independent_sampling=False),
+            "optuna_gp": lambda: optuna.samplers.GPSampler(seed=spec.seed),
+            "optuna_nsga2": lambda: optuna.samplers.NSGAIISampler(seed=spec.seed),
+            "optuna_random": lambda: optuna.samplers.RandomSampler(seed=spec.seed),
+        }
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        alg = OptunaSearch(metric=metric, mode=mode, sampler=samplers[name](), points_to_evaluate=points or None)
+    else:
+        import nevergrad as ng
+        from ray.tune.search.nevergrad import NevergradSearch
+
+        opt = {"nevergrad_cma": ng.optimizers.CMA, "nevergrad_de": ng.optimizers.DE,
+               "nevergrad_twopointsde": ng.optimizers.TwoPointsDE, "nevergrad_ngopt": ng.optimizers.NGOpt}[name]
+        budget = spec.budget.trials or 1000
+        alg = NevergradSearch(optimizer=opt, optimizer_kwargs={"budget": budget, "num_workers": spec.concurrency},
+                              metric=metric, mode=mode, points_to_evaluate=points or None)
+        np.random.seed(spec.seed)  # nevergrad draws from numpy's global generator
+    return ConcurrencyLimiter(alg, max_concurrent=spec.concurrency)
+
+
+def grid_space(space: Space, points_per_dim: int = 5) -> dict[str, Any]:
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    if len(space.methods) > 1:
+        out["method"] = tune.grid_search(list(space.methods))
+    for d in space.dims:
+        vals = list(d.choices) if d.choices is not None else [
+            float(x) for x in np.linspace(float(d.low), float(d.high), points_per_dim)]  # type: ignore[arg-type]
+        out[d.key] = tune.grid_search(vals)
+    return out

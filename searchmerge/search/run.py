@@ -1,0 +1,166 @@
+"""``search(spec, out)``: set up the bench, the resident replicas and Tune; run; re-evaluate on the report split."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from searchmerge.search.driver import TUNE_DIR, Coordinator, _trial, evaluate_resident, grid_space, make_searcher
+from searchmerge.search.evaluation import build_eval_module, new_scorer, plan_chunks, split_features
+from searchmerge.search.report import TrialRecorder, finish_run, read_trials
+from searchmerge.search.space import build_space
+from searchmerge.search.spec import SearchSpec, SearchSpecError, read_search_spec
+
+
+@dataclass
+class SearchResult:
+    out: Path
+    summary: dict[str, Any]
+    trials: Any = field(repr=False, default=None)  # pandas DataFrame of trials.parquet
+
+    @property
+    def best_recipe_yaml(self) -> str | None:
+        return self.summary.get("best", {}).get("recipe_yaml")
+
+
+def _check_out(out: Path, resume: bool, force: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not (resume or force):
+        raise SearchSpecError(f"--out {out} exists and is not empty; pass --resume to continue it or --force to start over")
+    if resume and not (out / TUNE_DIR).exists():
+        raise SearchSpecError(f"--resume: {out} holds no search to resume ({out / TUNE_DIR} not found)")
+    parent = out.resolve().parent
+    if not parent.exists() or not os.access(parent, os.W_OK):
+        raise SearchSpecError(f"--out {out}: parent folder {parent} does not exist or is not writable")
+
+
+def search(spec: SearchSpec | str | Path, out: str | Path = "runs/search", *, resume: bool = False,
+           force: bool = False, progress: bool = True) -> SearchResult:
+    """Run the search ``spec`` into the run folder ``out`` (``resume`` continues an interrupted one)."""
+    import shutil
+
+    if not isinstance(spec, SearchSpec):
+        spec = read_search_spec(spec)
+    out = Path(out)
+    _check_out(out, resume, force)
+    from searchmerge.bench import load_bench
+    from searchmerge.bench.zoo import ZOO_NAMES, build_zoo
+
+    bench_path = spec.bench_path()
+    bench = load_bench(build_zoo(bench_path, progress=progress) if bench_path in ZOO_NAMES else bench_path)
+    tasks = bench.taskpool.names
+    space = build_space(spec, tasks)  # the real task names: per-model dimensions
+    if force and out.exists() and not resume:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.yaml").write_text(spec.to_yaml())
+
+    import ray
+    from ray import tune
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(os.cpu_count() or 1, spec.concurrency), include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    from searchmerge.store import TaskVectorStore
+
+    mp = bench.modelpool
+    builder = functools.partial(build_eval_module, mp.model(mp.base), spec.num_threads)
+    replicas = []
+    for _ in range(spec.concurrency):
+        store = TaskVectorStore.build(mp.base, [mp.finetuned[t] for t in tasks], names=tasks, num_actors=1,
+                                      threads_per_actor=spec.num_threads)
+        replicas.append((store, store.attach_evaluator(builder)))
+    features = split_features(bench, spec.search_split, tasks)
+    sizes = {t: len(bench.taskpool.tasks[t].splits[spec.search_split]) for t in tasks}
+    chunks = plan_chunks(sizes, spec.eval_batch_size, spec.seed)
+    total = sum(sizes.values())
+
+    prior = read_trials(out)
+    known = {r["recipe_key"]: {k: r[k] for k in r if k in _metric_keys(tasks)} | {"examples": r["examples"], "done": True}
+             for r in prior if r.get("status") == "done" and not r.get("duplicate")}
+    coord = ray.remote(num_cpus=0)(Coordinator).remote(spec.concurrency, known)
+    ctx = {"space": space, "coord": coord, "replicas": replicas, "features": features, "chunks": chunks,
+           "total": total, "bench": bench, "split": spec.search_split, "seed": spec.seed}
+    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": 0.01})
+    recorder = TrialRecorder(out, spec, prior)
+    stopper = _FailureStopper(coord, spec.max_failures)
+    t_start = time.time()
+    if resume and tune.Tuner.can_restore(str((out / TUNE_DIR).resolve())):
+        tuner = tune.Tuner.restore(str((out / TUNE_DIR).resolve()), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+    else:
+        tuner = _new_tuner(spec, space, trainable, recorder, stopper, out, total)
+    try:
+        tuner.fit()
+    finally:
+        recorder.flush()
+    summary = finish_run(out, spec, bench, space, replicas, t_start)
+    for store, _ in replicas:
+        store.close()
+    ray.kill(coord)
+    import pandas as pd
+
+    return SearchResult(out, summary, pd.read_parquet(out / "trials.parquet"))
+
+
+def _metric_keys(tasks: list[str]) -> set[str]:
+    return {"average", "worst", *[f"task_{t}" for t in tasks]}
+
+
+class _FailureStopper:
+    """Stops the whole search once more than ``max_failures`` trials failed."""
+
+    def __init__(self, coord: Any, max_failures: int) -> None:
+        self.coord, self.max_failures, self.n = coord, max_failures, 0
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        import ray
+
+        self.n += 1
+        if self.n % 5:
+            return False
+        return ray.get(self.coord.failure_count.remote()) > self.max_failures
+
+
+def _new_tuner(spec: SearchSpec, space: Any, trainable: Any, recorder: Any, stopper: Any, out: Path, total: int):  # noqa: ANN202
+    from ray import tune
+    from ray.tune import Stopper
+
+    points = [space.point(p) for p in spec.points_to_evaluate]
+    single = len(spec.objectives) == 1
+    scheduler = None
+    if spec.scheduler.type == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="examples", max_t=total, grace_period=max(1, int(spec.scheduler.grace_fraction * total)),
+                                  reduction_factor=spec.scheduler.reduction_factor)
+    param_space = space.tune_space()
+    n = spec.budget.trials if spec.budget.trials is not None else -1
+    if spec.searcher == "grid":
+        param_space, n = grid_space(space), 1
+    alg = make_searcher(spec, space, points)
+
+    class _Stop(Stopper):
+        def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return stopper.stop_all()
+
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(
+            search_alg=alg, scheduler=scheduler, num_samples=n, time_budget_s=spec.budget.seconds, reuse_actors=True,
+            max_concurrent_trials=spec.concurrency,
+            metric=spec.objectives[0].key if single else None, mode=spec.objectives[0].mode if single else None,
+        ),
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(out.resolve()), callbacks=[recorder], verbose=0,
+                                  stop=_Stop(), failure_config=tune.FailureConfig(max_failures=0)),
+    )

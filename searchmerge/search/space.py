@@ -1,0 +1,196 @@
+"""The search space, read from the method registry: each method's declared parameters, types and ranges.
+
+A spec only narrows (``[low, high]`` inside the declared range, or a sub-list of the declared choices),
+fixes (a scalar) or searches the declared range (``search``); it never declares a parameter. Several methods
+make the method a searched categorical; each method's parameters are conditional on it (namespaced
+``method.param``, read only when that method is drawn). Per-model parameters get one dimension per task
+(``granularity: per_model``) and, with ``layer_groups: G``, one per task and depth group, emitted as a
+MergeKit depth gradient of G values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from searchmerge.errors import RecipeError
+from searchmerge.methods.registry import Param, get_method
+from searchmerge.recipe import Recipe
+from searchmerge.search.spec import SearchSpec, SearchSpecError
+
+METHOD_KEY = "method"
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One searched coordinate."""
+
+    key: str
+    method: str
+    param: str
+    model: int | None = None  # index into the task list (per-model parameters)
+    group: int | None = None  # depth group (layer_groups > 1)
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] | None = None
+    integer: bool = False
+
+
+@dataclass(frozen=True)
+class Space:
+    methods: tuple[str, ...]
+    dims: tuple[Dim, ...]
+    fixed: dict[str, dict[str, Any]]  # method -> param -> fixed value
+    models: tuple[str, ...]
+    layer_groups: int
+
+    def tune_space(self) -> dict[str, Any]:
+        from ray import tune
+
+        out: dict[str, Any] = {}
+        if len(self.methods) > 1:
+            out[METHOD_KEY] = tune.choice(list(self.methods))
+        for d in self.dims:
+            if d.choices is not None:
+                out[d.key] = tune.choice(list(d.choices))
+            elif d.integer:
+                out[d.key] = tune.randint(int(d.low), int(d.high) + 1)  # type: ignore[arg-type]
+            else:
+                out[d.key] = tune.uniform(float(d.low), float(d.high))  # type: ignore[arg-type]
+        return out
+
+    def method_of(self, config: dict[str, Any]) -> str:
+        return str(config.get(METHOD_KEY, self.methods[0]))
+
+    def to_recipe(self, config: dict[str, Any], seed: int = 0) -> Recipe:
+        """The recipe a sampled config stands for (only the drawn method's coordinates are read)."""
+        method = self.method_of(config)
+        spec = get_method(method)
+        glob: dict[str, Any] = dict(self.fixed.get(method, {}))
+        per_model: list[dict[str, Any]] = [{} for _ in self.models]
+        grads: dict[tuple[int, str], list[float]] = {}
+        for d in self.dims:
+            if d.method != method:
+                continue
+            v = config[d.key]
+            v = v.item() if hasattr(v, "item") else v
+            if d.model is None:
+                glob[d.param] = v
+            elif d.group is None:
+                per_model[d.model][d.param] = v
+            else:
+                grads.setdefault((d.model, d.param), [0.0] * self.layer_groups)[d.group] = float(v)
+        for (m, p), values in grads.items():
+            per_model[m][p] = values
+        base = "base" if spec.base != "none" else None
+        return Recipe(
+            method=method, base_model=base,
+            models=[{"model": n, "parameters": pm} for n, pm in zip(self.models, per_model)],
+            parameters=glob, seed=seed,
+        )
+
+    def point(self, user: dict[str, Any]) -> dict[str, Any]:
+        """A full config from a user's starting point ``{method: ..., param: value, ...}``.
+
+        A value given for a per-model parameter applies to every model (and depth group); coordinates not
+        given take the declared default when it lies in the searched range, else the range's midpoint.
+        """
+        method = str(user.get(METHOD_KEY, self.methods[0]))
+        if method not in self.methods:
+            raise SearchSpecError(f"points_to_evaluate: method {method!r} is not among the searched methods {list(self.methods)}")
+        declared = {p.name: p for p in get_method(method).params}
+        unknown = [k for k in user if k != METHOD_KEY and k not in declared]
+        if unknown:
+            raise SearchSpecError(f"points_to_evaluate: {method} has no parameter(s) {unknown}; it declares {sorted(declared)}")
+        out: dict[str, Any] = {METHOD_KEY: method} if len(self.methods) > 1 else {}
+        for d in self.dims:
+            p = {q.name: q for q in get_method(d.method).params}[d.param]
+            v = user.get(d.param, p.default) if d.method == method else p.default
+            out[d.key] = _clip(d, v)
+        return out
+
+
+def _clip(d: Dim, v: Any) -> Any:
+    if d.choices is not None:
+        return v if v in d.choices else d.choices[0]
+    if isinstance(v, (list, tuple)) or v is None or isinstance(v, bool):
+        v = None
+    if v is None or not (d.low <= float(v) <= d.high):  # type: ignore[operator]
+        v = (float(d.low) + float(d.high)) / 2  # type: ignore[arg-type]
+    return int(round(v)) if d.integer else float(v)
+
+
+def _dims_for(method: str, p: Param, setting: Any, models: Sequence[str], spec: SearchSpec) -> tuple[list[Dim], Any]:
+    """The dimensions of one declared parameter (or its fixed value)."""
+    where = f"methods.{method}.{p.name}"
+    if setting == "search":
+        if p.choices is not None:
+            choices: tuple[Any, ...] | None = tuple(p.choices)
+            bounds = None
+        else:
+            bounds = p.search_bounds()
+            choices = None
+            if bounds is None or p.kind not in (float, int):
+                raise SearchSpecError(f"{where}: `{p.name}` has no declared search range; give [low, high] or a value")
+    elif isinstance(setting, list):
+        if p.choices is not None:
+            bad = [c for c in setting if c not in p.choices]
+            if bad or not setting:
+                raise SearchSpecError(f"{where}: choices {setting} must be a non-empty sub-list of {list(p.choices)}")
+            choices, bounds = tuple(setting), None
+        else:
+            if p.kind not in (float, int) or len(setting) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in setting):
+                raise SearchSpecError(f"{where}: a range is [low, high] of numbers, got {setting}")
+            lo, hi = float(setting[0]), float(setting[1])
+            if lo >= hi:
+                raise SearchSpecError(f"{where}: range low {lo:g} must be below high {hi:g}")
+            for x in (lo, hi):
+                if p.range is not None and not p.range.contains(x):
+                    raise SearchSpecError(f"{where}: range [{lo:g}, {hi:g}] leaves the declared range {p.range.describe()}")
+            choices, bounds = None, (lo, hi)
+    else:
+        try:
+            return [], p.check(setting, where)
+        except RecipeError as exc:
+            raise SearchSpecError(str(exc)) from None
+    key = f"{method}.{p.name}"
+    make = lambda k, m=None, g=None: Dim(  # noqa: E731
+        k, method, p.name, m, g, *(bounds if bounds else (None, None)), choices, p.kind is int
+    )
+    if not p.per_model or spec.granularity == "global" or choices is not None:
+        return [make(key)], None
+    if spec.layer_groups == 1:
+        return [make(f"{key}@{n}", i) for i, n in enumerate(models)], None
+    return [make(f"{key}@{n}#{g}", i, g) for i, n in enumerate(models) for g in range(spec.layer_groups)], None
+
+
+def build_space(spec: SearchSpec, models: Sequence[str] | None = None) -> Space:
+    """The space of ``spec`` over ``models`` (task names); raises :class:`SearchSpecError` naming the field."""
+    models = tuple(models) if models is not None else ("model_0", "model_1")
+    dims: list[Dim] = []
+    fixed: dict[str, dict[str, Any]] = {}
+    methods = []
+    for method, settings in spec.methods.items():
+        try:
+            m = get_method(method)
+        except RecipeError as exc:
+            raise SearchSpecError(f"methods: {exc}") from None
+        methods.append(m.name)
+        declared = {p.name: p for p in m.params}
+        unknown = [k for k in settings if k not in declared]
+        if unknown:
+            raise SearchSpecError(f"methods.{method}: no parameter(s) {unknown}; {m.name} declares {sorted(declared)}")
+        if m.max_models is not None and len(models) > m.max_models:
+            raise SearchSpecError(f"methods.{method}: merges at most {m.max_models} models, the bench has {len(models)}")
+        for name, setting in settings.items():
+            new, value = _dims_for(m.name, declared[name], setting, models, spec)
+            dims += new
+            if not new:
+                fixed.setdefault(m.name, {})[name] = value
+    space = Space(tuple(methods), tuple(dims), fixed, models, spec.layer_groups)
+    for i, pt in enumerate(spec.points_to_evaluate):
+        try:
+            space.point(pt)
+        except SearchSpecError as exc:
+            raise SearchSpecError(f"points_to_evaluate[{i}]: {str(exc).removeprefix('points_to_evaluate: ')}") from None
+    return space

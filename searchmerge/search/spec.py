@@ -1,0 +1,175 @@
+"""The search spec: one frozen pydantic model (``extra=forbid``), read from YAML and checked before any work.
+
+    bench: fixture                      # an embedded zoo name, or a bench spec path
+    search_split: validation            # the split trials are scored on
+    report_split: test                  # read once, at the end, for the best recipe / front and baselines
+    methods:                            # the method is a searched categorical when several are listed
+      task_arithmetic: {lambda: search}             # `search`: the registry's search range
+      ties: {density: [0.1, 0.9], lambda: [0.2, 1.5], merge_func: [sum, mean]}   # narrowed / choices
+      tsv_m: {alpha: 1.0}                           # fixed
+    granularity: per_model              # global | per_model (per-model parameters get one value per task)
+    layer_groups: 1                     # G > 1: per-model parameters become depth gradients of G values
+    points_to_evaluate: [{method: task_arithmetic, lambda: 0.3}]
+    objectives: [{metric: average, mode: max}]     # average | worst | task:<name>
+    searcher: optuna_tpe
+    budget: {trials: 50, seconds: null}
+    concurrency: 1
+    scheduler: {type: fifo}             # or {type: asha, grace_fraction: 0.25, reduction_factor: 3}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from searchmerge.errors import SearchmergeError
+
+SEARCHERS = (
+    "optuna_tpe", "optuna_cmaes", "optuna_gp", "optuna_nsga2", "optuna_random",
+    "nevergrad_cma", "nevergrad_de", "nevergrad_twopointsde", "nevergrad_ngopt", "random", "grid",
+)
+MULTI_OBJECTIVE_SEARCHERS = ("optuna_nsga2", "optuna_tpe", "optuna_random", "random")
+
+
+class SearchSpecError(SearchmergeError, ValueError):
+    """A search spec field is invalid (names the field, the value and the rule)."""
+
+
+ParamSetting = Union[Literal["search"], float, int, bool, str, list[Any]]
+
+
+class Objective(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    metric: str = "average"
+    mode: Literal["max", "min"] = "max"
+
+    @model_validator(mode="after")
+    def _known(self) -> "Objective":
+        if self.metric not in ("average", "worst") and not self.metric.startswith("task:"):
+            raise ValueError(f"objective metric {self.metric!r} must be `average`, `worst` or `task:<name>`")
+        return self
+
+    @property
+    def key(self) -> str:
+        return self.metric.replace(":", "_")
+
+
+class Budget(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    trials: int | None = Field(default=20, ge=1)
+    seconds: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _some(self) -> "Budget":
+        if self.trials is None and self.seconds is None:
+            raise ValueError("budget needs `trials`, `seconds` or both")
+        return self
+
+
+class Scheduler(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    type: Literal["fifo", "asha"] = "fifo"
+    grace_fraction: float = Field(default=0.25, gt=0, le=1)  # of the search split's examples
+    reduction_factor: float = Field(default=3.0, gt=1)
+
+
+class SearchSpec(BaseModel):
+    """Everything a search needs; ``SearchSpec.from_yaml(s.to_yaml()) == s``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = "search"
+    bench: str
+    search_split: Literal["train", "validation", "test"] = "validation"
+    report_split: Literal["train", "validation", "test"] = "test"
+    allow_search_on_test: bool = False
+    methods: dict[str, dict[str, ParamSetting]]
+    granularity: Literal["global", "per_model"] = "global"
+    layer_groups: int = Field(default=1, ge=1, le=64)
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
+    objectives: list[Objective] = Field(default_factory=lambda: [Objective()])
+    reference_point: list[float] | None = None  # hypervolume reference (objective units); default: worst possible
+    searcher: str = "optuna_tpe"
+    budget: Budget = Field(default_factory=Budget)
+    concurrency: int = Field(default=1, ge=1, le=64)
+    seed: int = 0
+    scheduler: Scheduler = Field(default_factory=Scheduler)
+    max_failures: int = Field(default=10, ge=0)
+    eval_batch_size: int = Field(default=64, ge=1)
+    num_threads: int = Field(default=1, ge=1)  # torch threads per store / evaluation actor
+    root: str | None = None  # folder the spec was read from (relative bench paths resolve against it)
+
+    @model_validator(mode="after")
+    def _rules(self) -> "SearchSpec":
+        if self.search_split == self.report_split:
+            raise ValueError(f"search_split and report_split must differ (both {self.search_split!r})")
+        if self.search_split == "test" and not self.allow_search_on_test:
+            raise ValueError("search_split `test` is refused: it leaks the report split; set allow_search_on_test: true to force it")
+        if not self.methods:
+            raise ValueError("methods must list at least one merge method")
+        if self.searcher not in SEARCHERS:
+            raise ValueError(f"searcher {self.searcher!r} is not one of {list(SEARCHERS)}")
+        if len(self.objectives) > 1 and self.searcher not in MULTI_OBJECTIVE_SEARCHERS:
+            raise ValueError(
+                f"searcher {self.searcher!r} is single-objective; with {len(self.objectives)} objectives use one of "
+                f"{list(MULTI_OBJECTIVE_SEARCHERS)}"
+            )
+        if len(self.objectives) > 1 and self.scheduler.type == "asha":
+            raise ValueError("scheduler `asha` stops on one metric; use `fifo` with several objectives")
+        if self.reference_point is not None and len(self.reference_point) != len(self.objectives):
+            raise ValueError(f"reference_point has {len(self.reference_point)} value(s) for {len(self.objectives)} objective(s)")
+        return self
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude={"root"})
+        return yaml.safe_dump(data, sort_keys=False)
+
+    def bench_path(self) -> str:
+        """The zoo name as given, or the bench spec path resolved against the spec's folder."""
+        from searchmerge.bench.zoo import ZOO_NAMES
+
+        if self.bench in ZOO_NAMES:
+            return self.bench
+        p = Path(self.bench).expanduser()
+        if not p.is_absolute() and self.root is not None:
+            p = Path(self.root) / p
+        return str(p)
+
+
+def _format(exc: ValidationError, where: str) -> str:
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "spec"
+        msg = e["msg"].removeprefix("Value error, ")
+        value = e.get("input")
+        shown = f" (got {value!r})" if loc != "spec" and not isinstance(value, dict) else ""
+        parts.append(f"{loc}: {msg}{shown}")
+    return f"{where}{'; '.join(parts)}"
+
+
+def parse_search_spec(data: Any, root: str | Path | None = None, where: str = "") -> SearchSpec:
+    if not isinstance(data, dict):
+        raise SearchSpecError(f"{where}a search spec must be a YAML mapping, got {type(data).__name__}")
+    try:
+        spec = SearchSpec(**{**data, "root": str(root) if root is not None else None})
+    except ValidationError as exc:
+        raise SearchSpecError(_format(exc, where)) from None
+    from searchmerge.search.space import build_space  # every method / parameter checked against the registry
+
+    build_space(spec)
+    return spec
+
+
+def read_search_spec(path: str | Path) -> SearchSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SearchSpecError(f"search spec {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        pos = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        raise SearchSpecError(f"{path}{pos}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return parse_search_spec(data, root=path.resolve().parent, where=f"{path}: ")
