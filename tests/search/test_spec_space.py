@@ -1,0 +1,115 @@
+"""Search spec validation and the space read from the method registry (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from searchmerge.recipe import Recipe
+from searchmerge.search.evaluation import plan_chunks
+from searchmerge.search.report import hypervolume, pareto_front
+from searchmerge.search.space import build_space
+from searchmerge.search.spec import SearchSpecError, parse_search_spec
+
+BASE = {"bench": "fixture", "methods": {"task_arithmetic": {"lambda": "search"}}}
+
+
+def spec(**kw):
+    return parse_search_spec({**BASE, **kw})
+
+
+@pytest.mark.parametrize("update, needle", [
+    ({"search_split": "test", "report_split": "test"}, "must differ"),
+    ({"search_split": "test", "report_split": "validation"}, "allow_search_on_test"),
+    ({"methods": {"tiez": {}}}, "unknown merge method"),
+    ({"methods": {"ties": {"lamda": 0.3}}}, "no parameter(s) ['lamda']"),
+    ({"methods": {"ties": {"density": [0.5, 1.5]}}}, "leaves the declared range"),
+    ({"methods": {"ties": {"density": [0.9, 0.1]}}}, "must be below"),
+    ({"methods": {"ties": {"merge_func": ["sum", "median"]}}}, "sub-list"),
+    ({"methods": {"ties": {"density": 7}}}, "density"),
+    ({"searcher": "optuna_magic"}, "searcher"),
+    ({"objectives": [{"metric": "average"}, {"metric": "worst"}], "searcher": "optuna_cmaes"}, "single-objective"),
+    ({"objectives": [{"metric": "f1ish"}]}, "objective metric"),
+    ({"budget": {"trials": 0}}, "budget.trials"),
+    ({"wat": 1}, "wat"),
+    ({"points_to_evaluate": [{"method": "ties"}]}, "not among the searched methods"),
+    ({"points_to_evaluate": [{"lamda": 0.3}]}, "points_to_evaluate[0]"),
+])
+def test_spec_errors_name_the_field(update, needle):
+    with pytest.raises(SearchSpecError) as exc:
+        spec(**update)
+    assert needle in str(exc.value)
+
+
+def test_search_on_test_can_be_forced():
+    s = spec(search_split="test", report_split="validation", allow_search_on_test=True)
+    assert s.search_split == "test"
+
+
+def test_method_categorical_samples_every_method_with_conditional_parameters():
+    from ray.tune.search.variant_generator import generate_variants
+
+    s = spec(methods={"task_arithmetic": {"lambda": [0.1, 1.0]},
+                      "ties": {"density": [0.1, 0.9], "lambda": "search", "merge_func": ["sum", "mean"]},
+                      "tsv_m": {"lambda": "search"}})
+    space = build_space(s, ["a", "b", "c"])
+    assert space.methods == ("task_arithmetic", "ties", "tsv_m")
+    from ray import tune
+
+    seen = set()
+    rng = np.random.default_rng(0)
+    dom = space.tune_space()
+    for _ in range(60):
+        cfg = {k: v.sample(random_state=rng) for k, v in dom.items()}
+        r = space.to_recipe(cfg)
+        assert isinstance(r, Recipe)
+        seen.add(r.method)
+        # only the drawn method's parameters reach the recipe
+        assert all(k.split(".")[0] == r.method or k == "method" for k in cfg if k.split(".")[-1] in r.parameters)
+        if r.method == "ties":
+            assert 0.1 <= r.parameters["density"] <= 0.9 and r.parameters["merge_func"] in ("sum", "mean")
+    assert seen == {"task_arithmetic", "ties", "tsv_m"}
+
+
+def test_per_model_and_layer_groups_become_depth_gradients():
+    s = spec(methods={"ties": {"density": [0.2, 0.8], "weight": [0.0, 1.0], "lambda": 1.0}},
+             granularity="per_model", layer_groups=3)
+    space = build_space(s, ["a", "b"])
+    keys = [d.key for d in space.dims]
+    assert len(keys) == 2 * 2 * 3 and "ties.density@a#0" in keys
+    cfg = {d.key: (0.5 if d.param == "density" else 0.25) + 0.1 * (d.group or 0) for d in space.dims}
+    r = space.to_recipe(cfg)
+    assert r.parameters == {"lambda": 1.0}
+    assert r.models[0].parameters["density"] == pytest.approx([0.5, 0.6, 0.7])
+    assert r.models[1].parameters["weight"] == pytest.approx([0.25, 0.35, 0.45])
+
+
+def test_points_fill_unset_coordinates_inside_the_range():
+    s = spec(methods={"task_arithmetic": {"lambda": [0.1, 1.0]}, "ties": {"density": [0.1, 0.5]}},
+             points_to_evaluate=[{"method": "task_arithmetic", "lambda": 0.3}])
+    space = build_space(s, ["a", "b"])
+    p = space.point(s.points_to_evaluate[0])
+    assert p["method"] == "task_arithmetic" and p["task_arithmetic.lambda"] == 0.3
+    assert 0.1 <= p["ties.density"] <= 0.5  # declared default 1.0 lies outside: the midpoint
+    assert space.to_recipe(p).parameters == {"lambda": 0.3}
+
+
+def test_chunks_interleave_tasks_and_are_reproducible():
+    sizes = {"a": 100, "b": 50, "c": 30}
+    c1, c2 = plan_chunks(sizes, 10, seed=3), plan_chunks(sizes, 10, seed=3)
+    assert [(t, i.tolist()) for t, i in c1] == [(t, i.tolist()) for t, i in c2]
+    for t, n in sizes.items():  # every example exactly once
+        idx = np.concatenate([i for tt, i in c1 if tt == t])
+        assert sorted(idx.tolist()) == list(range(n))
+    first = [t for t, _ in c1[:6]]
+    assert set(first) == {"a", "b", "c"}  # not task by task
+    assert [t for t, _ in plan_chunks(sizes, 10, seed=4)] != [t for t, _ in c1]
+
+
+def test_hypervolume_matches_a_hand_computed_2d_case():
+    pts = np.array([[0.2, 0.8], [0.5, 0.5], [0.8, 0.2], [0.4, 0.4]])  # the last is dominated
+    front = pareto_front(pts, ["max", "max"])
+    assert front.tolist() == [0, 1, 2]
+    # staircase above the (0, 0) reference: 0.2*0.8 + (0.5-0.2)*0.5 + (0.8-0.5)*0.2
+    assert hypervolume(pts[front], [0.0, 0.0], ["max", "max"]) == pytest.approx(0.16 + 0.15 + 0.06)
+    assert hypervolume(pts, [0.0, 0.0], ["max", "max"]) == pytest.approx(0.37)
