@@ -84,3 +84,13 @@ def test_individual_equals_plain_transformers(tmp_path: Path, arch: str) -> None
         assert r["per_task"][t] == pytest.approx(float((pred == s.labels).mean()), abs=0)
     runner = mp.model().runner()
     assert set(runner.module.state_dict()) == set(mp.base)
+
+
+def test_chance_flag_fires_on_individual_rows(tmp_path: Path) -> None:
+    from searchmerge.bench.leaderboard import Entry, chance_failures, run_leaderboard
+
+    path, _ = _pool(tmp_path, "bert")
+    bench = load_bench(path)
+    assert chance_failures(bench, {"a": 1 / 3, "b": 0.9}) == ["a"]
+    res = run_leaderboard(bench, tmp_path / "lb", ["test"], entries=[Entry("individual")], progress=False)
+    assert all("at_or_below_chance" in r for r in res["rows"])
