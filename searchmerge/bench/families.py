@@ -579,6 +579,7 @@ class BenchModel:
     base_folder: str = ""
     name: str = "model"
     prefix_layers: int | None = None
+    task_configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # seqcls_task: each task's own config
 
     def prefix_hash(self) -> str | None:
         """Hash of the tensors behind the cached prefix (None: no prefix caching for this model)."""
@@ -602,6 +603,9 @@ class BenchModel:
 
     def runner(self) -> "Runner":
         fam = get_family(self.family)
+        if getattr(fam, "heads_from_folders", False):  # task models: each task's own architecture and head
+            module = fam.build_runner_module(self.config, self.backbone, self.heads, self.task_configs)  # type: ignore[attr-defined]
+            return Runner(fam, module, {t: module for t in self.heads})
         return Runner(fam, fam.build(self.config, self.backbone), {t: _head_module(h) for t, h in self.heads.items()})
 
 
@@ -617,4 +621,9 @@ class Runner:
         head = self.heads.get(task)
         if self.family.needs_heads and head is None:
             raise SearchmergeError(f"no head for task `{task}`")
+        if getattr(self.family, "heads_from_folders", False):
+            return self.family.predict_task(self.module, task, tb).cpu().numpy().astype(np.int64)  # type: ignore[attr-defined]
         return self.family.predict(self.module, head, tb).cpu().numpy().astype(np.int64)
+
+
+from searchmerge.bench import task_models as _task_models  # noqa: E402,F401  (registers `seqcls_task`)

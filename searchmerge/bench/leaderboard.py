@@ -101,6 +101,12 @@ def run_entry(bench: Bench, entry: Entry, splits: Sequence[str], **eval_kwargs: 
     total_s = time.perf_counter() - t0
     for s in splits:
         per_task = results[s]["per_task"]
+        flagged = chance_failures(bench, per_task) if entry.label == "individual" else []
+        if flagged:
+            import sys
+
+            print(f"WARNING: individual model(s) at or below chance on their own task ({s}): {flagged}; "
+                  f"check the head / preprocessing options of the model pool.", file=sys.stderr)
         rows.append({
             "method": entry.label,
             "recipe": entry.method or "",
@@ -110,8 +116,16 @@ def run_entry(bench: Bench, entry: Entry, splits: Sequence[str], **eval_kwargs: 
             "average": float(sum(per_task.values()) / max(1, len(per_task))),
             "merge_s": round(merge_s, 3),
             "time_s": round(total_s, 3),
+            "at_or_below_chance": ",".join(flagged),
         })
     return rows
+
+
+def chance_failures(bench: Bench, per_task: dict[str, float]) -> list[str]:
+    """Tasks whose accuracy is at or below chance (1 / classes): an individual model there means a broken setup."""
+    tp = bench.taskpool
+    return [t for t, v in per_task.items()
+            if tp.tasks[t].spec.metric == "accuracy" and float(v) <= 1.0 / max(1, tp.tasks[t].num_classes) + 1e-9]
 
 
 def to_markdown(rows: list[dict[str, Any]], tasks: Sequence[str], splits: Sequence[str]) -> str:
@@ -124,7 +138,8 @@ def to_markdown(rows: list[dict[str, Any]], tasks: Sequence[str], splits: Sequen
             if r["split"] != s:
                 continue
             cells = [f"{100 * r[f'task:{t}']:.1f}" if f"task:{t}" in r else "–" for t in tasks]
-            out.append(f"| {r['method']} | " + " | ".join(cells) + f" | **{100 * r['average']:.1f}** | {r['time_s']:.1f} |")
+            flag = f" ⚠ at/below chance: {r['at_or_below_chance']}" if r.get("at_or_below_chance") else ""
+            out.append(f"| {r['method']}{flag} | " + " | ".join(cells) + f" | **{100 * r['average']:.1f}** | {r['time_s']:.1f} |")
         out.append("")
     return "\n".join(out)
 
@@ -137,7 +152,7 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path, tasks: Sequence[str]
     import pyarrow.parquet as pq
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    cols = ["method", "recipe", "parameters", "split"] + [f"task:{t}" for t in tasks] + ["average", "merge_s", "time_s"]
+    cols = ["method", "recipe", "parameters", "split"] + [f"task:{t}" for t in tasks] + ["average", "merge_s", "time_s", "at_or_below_chance"]
     table = pa.table({c: [r.get(c) for r in rows] for c in cols})
     paths = {"md": out_dir / "leaderboard.md", "csv": out_dir / "leaderboard.csv", "parquet": out_dir / "leaderboard.parquet"}
     md = (f"## {title}\n\nAccuracy (%) per task; time = merge + evaluation of all listed splits.\n\n" if title else "")

@@ -79,7 +79,7 @@ class TaskPoolSpec(BaseModel):
 
 class ModelPoolSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    family: Literal["seqcls", "causal_lm_mc", "image", "mlp", "clip"]
+    family: Literal["seqcls", "seqcls_task", "causal_lm_mc", "image", "mlp", "clip"]
     base: str
     finetuned: dict[str, str] = Field(default_factory=dict)  # task name -> fine-tuned folder
     heads: dict[str, str] = Field(default_factory=dict)  # task name -> safetensors {weight, bias}
@@ -323,6 +323,7 @@ class ModelPool:
     base: dict[str, Any]
     finetuned: dict[str, dict[str, Any]]
     heads: dict[str, dict[str, Any]]
+    task_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def model(self, state_dict: dict[str, Any] | None = None, name: str = "model"):  # noqa: ANN201
         """A :class:`~searchmerge.bench.families.BenchModel`: this backbone (base if None) + every task head."""
@@ -331,7 +332,7 @@ class ModelPool:
         return BenchModel(
             family=self.spec.family, config=self.config, backbone=state_dict if state_dict is not None else self.base,
             heads=self.heads, base_folder=str(self.spec.path(self.spec.base)), name=name,
-            prefix_layers=self.spec.cache_prefix_layers,
+            prefix_layers=self.spec.cache_prefix_layers, task_configs=self.task_configs,
         )
 
 
@@ -346,6 +347,9 @@ def load_modelpool(spec: ModelPoolSpec, task_names: list[str] | None = None) -> 
             f"family `{spec.family}` computes zero-shot heads from each task's class_names; remove `heads` "
             f"({sorted(spec.heads)}) from the model pool."
         )
+    from_folders = getattr(family, "heads_from_folders", False)
+    if from_folders:
+        return _load_task_model_pool(spec, task_names)
     if task_names is not None:
         if family.needs_heads and not family.zero_shot:
             missing = [t for t in task_names if t not in spec.heads]
@@ -396,6 +400,52 @@ def load_modelpool(spec: ModelPoolSpec, task_names: list[str] | None = None) -> 
     return ModelPool(spec=spec, family=family, config=config, base=base, finetuned=finetuned, heads=heads)
 
 
+def _load_task_model_pool(spec: ModelPoolSpec, task_names: list[str] | None) -> ModelPool:
+    """``seqcls_task``: backbone = base-model tensors; each task's head (and label count) from its own folder."""
+    from searchmerge.bench.families import get_family
+    from searchmerge.bench.task_models import load_task_model
+
+    family = get_family(spec.family)
+    if spec.heads:
+        raise BenchSpecError(
+            f"model pool `heads`: family `seqcls_task` reads each task's head from its fine-tuned folder; remove "
+            f"`heads` ({sorted(spec.heads)}) or use family `seqcls` for mean-pooled linear heads."
+        )
+    if task_names is not None:
+        missing = [t for t in task_names if t not in spec.finetuned]
+        extra = [t for t in spec.finetuned if t not in task_names]
+        if missing or extra:
+            raise BenchSpecError(
+                f"model pool `finetuned`: family `seqcls_task` needs one fine-tuned folder per task; "
+                f"tasks without one {missing}, folders without a task {extra}."
+            )
+    for label, rel in [("base", spec.base)] + [(f"fine-tuned `{t}`", p) for t, p in spec.finetuned.items()]:
+        if not spec.path(rel).is_dir():
+            raise BenchSpecError(f"{label} model folder {spec.path(rel)} does not exist.")
+
+    def load(label: str, rel: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        p = spec.path(rel)
+        try:
+            return load_task_model(p)
+        except Exception as exc:  # noqa: BLE001
+            raise BenchSpecError(f"{label} model folder {p} does not load as a sequence-classification model: {exc}") from None
+
+    config, base, _ = load("base", spec.base)
+    finetuned, heads, task_configs = {}, {}, {}
+    for t, rel in spec.finetuned.items():
+        cfg, sd, head = load(f"fine-tuned `{t}`", rel)
+        if set(sd) != set(base) or any(sd[k].shape != base[k].shape for k in base):
+            raise BenchSpecError(f"fine-tuned `{t}` model {spec.path(rel)}: its base-model tensors do not match the base's.")
+        finetuned[t], heads[t], task_configs[t] = sd, head, cfg
+    return ModelPool(spec=spec, family=family, config=config, base=base, finetuned=finetuned, heads=heads,
+                     task_configs=task_configs)
+
+
+def num_labels(config: dict[str, Any]) -> int:
+    """A transformers config's label count (``id2label`` is what ``num_labels`` reads)."""
+    return len(config.get("id2label") or {}) or int(config.get("num_labels", 2))
+
+
 @dataclass
 class Bench:
     spec: BenchSpec
@@ -416,6 +466,8 @@ def load_bench(spec: BenchSpec | str | Path) -> Bench:
     mp = load_modelpool(spec.modelpool, names)
     if zero_shot:
         nc = {t.name: len(t.class_names) for t in spec.taskpool.tasks}  # type: ignore[arg-type]
+    elif mp.task_configs:
+        nc = {t: num_labels(c) for t, c in mp.task_configs.items()}
     else:
         nc = {t: int(h["weight"].shape[0]) for t, h in mp.heads.items()}
     tp = load_taskpool(spec.taskpool, nc)
