@@ -120,7 +120,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     def on_chunk(partial: dict[str, Any], merge_s: float, eval_s: float) -> None:
         vals = objective_values(partial)
         if partial["n"] < total:
-            tune.report({**vals, "examples": partial["n"], "done": False, **base})
+            tune.report({**vals, "examples": partial["n"], "complete": False, **base})
 
     try:
         out = evaluate_resident(store, evaluator, recipe, ctx["features"], ctx["chunks"], scorer, on_chunk)
@@ -130,8 +130,8 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     except Exception:
         ray.get(coord.fail.remote())
         raise
-    final = {**vals, "examples": out["result"]["n"], "done": True, "duplicate": False}
-    ray.get(coord.put.remote(key, {k: final[k] for k in vals} | {"examples": final["examples"], "done": True}))
+    final = {**vals, "examples": out["result"]["n"], "complete": True, "duplicate": False}
+    ray.get(coord.put.remote(key, {k: final[k] for k in vals} | {"examples": final["examples"], "complete": True}))
     tune.report({**final, **base, "merge_s": out["merge_s"], "eval_s": out["eval_s"], "end_time": time.time()})
 
 

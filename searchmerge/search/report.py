@@ -63,7 +63,7 @@ class TrialRecorder(_make_recorder_base()):  # type: ignore[misc]
         for k, v in res.items():
             if k in TRIAL_FIELDS or k.startswith("task_"):
                 row[k] = v
-        if status == "done" and not res.get("done"):
+        if status == "done" and not res.get("complete"):
             row["status"] = "stopped"  # an early stop (ASHA) after a fraction of the split
         if "merge_s" in row and "eval_s" in row and "start_time" in row:
             row["total_s"] = float(res.get("end_time", time.time()) - row["start_time"])

@@ -80,7 +80,7 @@ def search(spec: SearchSpec | str | Path, out: str | Path = "runs/search", *, re
     total = sum(sizes.values())
 
     prior = read_trials(out)
-    known = {r["recipe_key"]: {k: r[k] for k in r if k in _metric_keys(tasks)} | {"examples": r["examples"], "done": True}
+    known = {r["recipe_key"]: {k: r[k] for k in r if k in _metric_keys(tasks)} | {"examples": r["examples"], "complete": True}
              for r in prior if r.get("status") == "done" and not r.get("duplicate")}
     coord = ray.remote(num_cpus=0)(Coordinator).remote(spec.concurrency, known)
     ctx = {"space": space, "coord": coord, "replicas": replicas, "features": features, "chunks": chunks,

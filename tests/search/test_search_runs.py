@@ -1,0 +1,93 @@
+"""Real searches on the fixture zoo: Ray Tune with each searcher family, ASHA, multi-objective, duplicates."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from searchmerge.recipe import Recipe
+from searchmerge.search import search
+from searchmerge.search.report import hypervolume, pareto_front, render_report
+from searchmerge.search.spec import parse_search_spec
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def make_spec(zoo, **kw):
+    data = {"bench": str(zoo), "methods": {"task_arithmetic": {"lambda": [0.1, 1.5]},
+                                            "ties": {"density": [0.2, 0.9], "lambda": [0.2, 2.0]}},
+            "budget": {"trials": 5}, "seed": 0, **kw}
+    return parse_search_spec(data)
+
+
+def test_optuna_search_writes_a_complete_run_folder(fixture_zoo, ray_session, tmp_path):
+    out = tmp_path / "run"
+    res = search(make_spec(fixture_zoo, points_to_evaluate=[{"method": "task_arithmetic", "lambda": 0.3}]), out)
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == 5 and (trials.status == "done").all()
+    assert set(trials.method) <= {"task_arithmetic", "ties"}
+    assert trials.iloc[0]["config/method"] == "task_arithmetic" and trials.iloc[0]["config/task_arithmetic.lambda"] == 0.3
+    for col in ("recipe_yaml", "average", "task_parity", "examples", "merge_s", "eval_s", "total_s", "start_time"):
+        assert trials[col].notna().all(), col
+    best = Recipe.from_yaml((out / "best.yaml").read_text())
+    assert best.method in ("task_arithmetic", "ties")
+    s = json.loads((out / "summary.json").read_text())
+    assert s["best"]["search"]["average"] == pytest.approx(trials.average.max())
+    assert set(s["baselines"]) == {"pretrained", "task_arithmetic_0.3", "individual"}
+    assert s["baselines"]["pretrained"]["average"] < s["baselines"]["individual"]["average"]
+    assert (out / "best_so_far.png").stat().st_size > 0 and (out / "best_so_far.html").stat().st_size > 0
+    assert (out / "best.mergekit.yaml").exists()
+    assert "best searched" in render_report(out)
+    assert res.best_recipe_yaml == (out / "best.yaml").read_text()
+
+
+@pytest.mark.parametrize("searcher", ["nevergrad_cma", "nevergrad_twopointsde", "optuna_cmaes", "random"])
+def test_each_searcher_runs_a_few_trials(fixture_zoo, ray_session, tmp_path, searcher):
+    spec = make_spec(fixture_zoo, methods={"task_arithmetic": {"lambda": [0.1, 1.5]}}, searcher=searcher,
+                     budget={"trials": 3})
+    search(spec, tmp_path / "run")
+    trials = pd.read_parquet(tmp_path / "run" / "trials.parquet")
+    assert len(trials) == 3 and (trials.status == "done").all()
+    assert trials["config/task_arithmetic.lambda"].between(0.1, 1.5).all()
+
+
+def test_identical_candidates_are_evaluated_once(fixture_zoo, ray_session, tmp_path):
+    pt = {"method": "task_arithmetic", "lambda": 0.5}
+    spec = make_spec(fixture_zoo, searcher="random", points_to_evaluate=[pt, pt], budget={"trials": 3})
+    search(spec, tmp_path / "run")
+    t = pd.read_parquet(tmp_path / "run" / "trials.parquet")
+    assert t.duplicate.tolist()[:2] == [False, True]
+    assert t.average.iloc[0] == t.average.iloc[1]
+
+
+def test_asha_stops_a_deliberately_bad_candidate_early(fixture_zoo, ray_session, tmp_path):
+    good = [{"method": "task_arithmetic", "lambda": v} for v in (0.3, 0.4, 0.5)]
+    bad = {"method": "task_arithmetic", "lambda": 0.0}  # the pretrained backbone: far below the merges
+    spec = make_spec(fixture_zoo, methods={"task_arithmetic": {"lambda": [0.0, 1.5]}}, searcher="random",
+                     points_to_evaluate=good + [bad], budget={"trials": 4}, eval_batch_size=16,
+                     scheduler={"type": "asha", "grace_fraction": 0.2, "reduction_factor": 2})
+    search(spec, tmp_path / "run")
+    t = pd.read_parquet(tmp_path / "run" / "trials.parquet")
+    total = t.examples.max()
+    last = t.iloc[3]
+    assert last["config/task_arithmetic.lambda"] == 0.0
+    assert last.status == "stopped" and last.examples < total
+    assert (t.iloc[:2].examples == total).all() and (t.iloc[:2].status == "done").all()
+
+
+def test_two_objective_nsga2_front_is_non_dominated(fixture_zoo, ray_session, tmp_path):
+    spec = make_spec(fixture_zoo, searcher="optuna_nsga2", budget={"trials": 6},
+                     objectives=[{"metric": "task:parity"}, {"metric": "task:mod3"}])
+    search(spec, tmp_path / "run")
+    out = tmp_path / "run"
+    t = pd.read_parquet(out / "trials.parquet")
+    s = json.loads((out / "summary.json").read_text())
+    vals = t[["task_parity", "task_mod3"]].to_numpy()
+    front = np.array([[m["search"]["task_parity"], m["search"]["task_mod3"]] for m in s["front"]])
+    for p in front:  # no trial dominates a front member
+        assert not any((v >= p).all() and (v > p).any() for v in vals)
+    assert s["hypervolume"] == pytest.approx(hypervolume(vals[pareto_front(vals, ["max", "max"])], [0, 0], ["max", "max"]))
+    assert (out / "pareto.png").exists() and (out / "front" / "000.yaml").exists()
