@@ -119,7 +119,9 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
     def on_chunk(partial: dict[str, Any], merge_s: float, eval_s: float) -> None:
         vals = objective_values(partial)
-        if partial["n"] < total:
+        for t in space.models:  # a task not reached yet: its estimate is the running average
+            vals.setdefault(f"task_{t}", vals["average"])
+        if ctx["report_partial"] and partial["n"] < total:
             tune.report({**vals, "examples": partial["n"], "complete": False, **base})
 
     try:

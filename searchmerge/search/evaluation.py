@@ -44,8 +44,16 @@ def chunk_features(features: dict[str, dict[str, np.ndarray]], task: str, idx: n
     return {k: v[idx] for k, v in features[task].items()}
 
 
+def exact_model(bench: Any) -> Any:
+    """The base BenchModel with prefix caching off: a searched merge may move every layer, so every trial
+    runs the whole forward (the cached-prefix shortcut is only exact for models that share the prefix)."""
+    import dataclasses
+
+    return dataclasses.replace(bench.modelpool.model(), prefix_layers=None)
+
+
 def split_features(bench: Any, split: str, tasks: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
-    feats, _ = model_features(bench.modelpool.model(), bench.taskpool, list(tasks), split)
+    feats, _ = model_features(exact_model(bench), bench.taskpool, list(tasks), split)
     return feats
 
 

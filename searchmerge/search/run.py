@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from searchmerge.search.driver import TUNE_DIR, Coordinator, _trial, evaluate_resident, grid_space, make_searcher
-from searchmerge.search.evaluation import build_eval_module, new_scorer, plan_chunks, split_features
+from searchmerge.search.evaluation import build_eval_module, exact_model, plan_chunks, split_features
 from searchmerge.search.report import TrialRecorder, finish_run, read_trials
 from searchmerge.search.space import build_space
 from searchmerge.search.spec import SearchSpec, SearchSpecError, read_search_spec
@@ -68,7 +68,7 @@ def search(spec: SearchSpec | str | Path, out: str | Path = "runs/search", *, re
     from searchmerge.store import TaskVectorStore
 
     mp = bench.modelpool
-    builder = functools.partial(build_eval_module, mp.model(mp.base), spec.num_threads)
+    builder = functools.partial(build_eval_module, exact_model(bench), spec.num_threads)
     replicas = []
     for _ in range(spec.concurrency):
         store = TaskVectorStore.build(mp.base, [mp.finetuned[t] for t in tasks], names=tasks, num_actors=1,
@@ -84,7 +84,8 @@ def search(spec: SearchSpec | str | Path, out: str | Path = "runs/search", *, re
              for r in prior if r.get("status") == "done" and not r.get("duplicate")}
     coord = ray.remote(num_cpus=0)(Coordinator).remote(spec.concurrency, known)
     ctx = {"space": space, "coord": coord, "replicas": replicas, "features": features, "chunks": chunks,
-           "total": total, "bench": bench, "split": spec.search_split, "seed": spec.seed}
+           "total": total, "bench": bench, "split": spec.search_split, "seed": spec.seed,
+           "report_partial": len(spec.objectives) == 1}
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": 0.01})
     recorder = TrialRecorder(out, spec, prior)
     stopper = _FailureStopper(coord, spec.max_failures)
