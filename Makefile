@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run demo test test-all bench clean zoo-deps
+.PHONY: setup run leaderboard search-fixture demo test test-all bench clean zoo-deps
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,11 +29,20 @@ $(ZOO_STAMP): $(STAMP)
 
 zoo-deps: $(ZOO_STAMP)
 
-# The main job: build the default text zoo once (cached under ~/.cache/searchmerge) and run the
-# FusionBench-style leaderboard of fixed recipes on it.
+RAY_ENV := RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1
+
+# The main job: build the default text zoo once (cached under ~/.cache/searchmerge), then search merge
+# recipes on it (experiments/search-text.yaml: <= 10 min of search) and report the best beside the baselines.
 run: $(STAMP) zoo-deps
-	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 \
-		$(BIN)/searchmerge bench text --out runs/leaderboard-text
+	$(RAY_ENV) $(BIN)/searchmerge search experiments/search-text.yaml --out runs/search-text --force
+
+# The FusionBench-style leaderboard of fixed recipes on the text zoo.
+leaderboard: $(STAMP) zoo-deps
+	$(RAY_ENV) $(BIN)/searchmerge bench text --out runs/leaderboard-text
+
+# A one-minute search on the fixture zoo (no extra packages).
+search-fixture: $(STAMP)
+	$(RAY_ENV) $(BIN)/searchmerge search experiments/search-fixture.yaml --out runs/search-fixture --force
 
 # A one-minute merge demo on a generated GPT-2 zoo (no extra packages).
 demo: $(STAMP)
