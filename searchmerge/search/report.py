@@ -82,6 +82,20 @@ class TrialRecorder(_make_recorder_base()):  # type: ignore[misc]
             err = "trial failed"
         self._row(trial, "failed", err.strip().splitlines()[-1] if err.strip() else "trial failed")
 
+    def reconcile(self, grid: Any) -> None:
+        """Add a row for every trial of Tune's result grid that has none (a restored search: Tune restores its
+        own pickled callbacks, not this one, so trials finished after a resume are recorded here)."""
+        for res in grid:
+            trial_id = res.metrics.get("trial_id") if res.metrics else None
+            if trial_id is None or trial_id in self.seen:
+                continue
+            self.last[trial_id] = res.metrics
+            stub = type("T", (), {"trial_id": trial_id, "config": res.config or {}})()
+            if res.error is not None:
+                self._row(stub, "failed", str(res.error).strip().splitlines()[-1] if str(res.error).strip() else "failed")
+            else:
+                self._row(stub, "done")
+
     def flush(self) -> None:
         if self.rows:
             _atomic_parquet(self.rows, self.path)

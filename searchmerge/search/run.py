@@ -59,6 +59,7 @@ def search(spec: SearchSpec | str | Path, out: str | Path = "runs/search", *, re
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.yaml").write_text(spec.to_yaml())
 
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # Tune's own state at most ~1 s behind trials.parquet
     import ray
     from ray import tune
 
@@ -82,13 +83,14 @@ def search(spec: SearchSpec | str | Path, out: str | Path = "runs/search", *, re
     prior = read_trials(out)
     known = {r["recipe_key"]: {k: r[k] for k in r if k in _metric_keys(tasks)} | {"examples": r["examples"], "complete": True}
              for r in prior if r.get("status") == "done" and not r.get("duplicate")}
-    coord = ray.remote(num_cpus=0)(Coordinator).remote(spec.concurrency, known)
+    coord_name = f"searchmerge-coordinator-{os.getpid()}-{int(time.time() * 1e3)}"
+    coord = ray.remote(num_cpus=0)(Coordinator).options(name=coord_name).remote(spec.concurrency, known)
     ctx = {"space": space, "coord": coord, "replicas": replicas, "features": features, "chunks": chunks,
            "total": total, "bench": bench, "split": spec.search_split, "seed": spec.seed,
            "report_partial": len(spec.objectives) == 1}
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": 0.01})
     recorder = TrialRecorder(out, spec, prior)
-    stopper = _FailureStopper(coord, spec.max_failures)
+    stopper = _FailureStopper(coord_name, spec.max_failures)
     t_start = time.time()
     if resume and tune.Tuner.can_restore(str((out / TUNE_DIR).resolve())):
         tuner = tune.Tuner.restore(str((out / TUNE_DIR).resolve()), trainable=trainable, resume_unfinished=True,
@@ -96,7 +98,8 @@ def search(spec: SearchSpec | str | Path, out: str | Path = "runs/search", *, re
     else:
         tuner = _new_tuner(spec, space, trainable, recorder, stopper, out, total)
     try:
-        tuner.fit()
+        grid = tuner.fit()
+        recorder.reconcile(grid)
     finally:
         recorder.flush()
     summary = finish_run(out, spec, bench, space, replicas, t_start)
@@ -115,8 +118,8 @@ def _metric_keys(tasks: list[str]) -> set[str]:
 class _FailureStopper:
     """Stops the whole search once more than ``max_failures`` trials failed."""
 
-    def __init__(self, coord: Any, max_failures: int) -> None:
-        self.coord, self.max_failures, self.n = coord, max_failures, 0
+    def __init__(self, coord_name: str, max_failures: int) -> None:
+        self.coord_name, self.max_failures, self.n = coord_name, max_failures, 0  # a name: Tune pickles stoppers
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         return False
@@ -127,7 +130,11 @@ class _FailureStopper:
         self.n += 1
         if self.n % 5:
             return False
-        return ray.get(self.coord.failure_count.remote()) > self.max_failures
+        try:
+            coord = ray.get_actor(self.coord_name)
+        except ValueError:  # a restored search: its coordinator has a new name
+            return False
+        return ray.get(coord.failure_count.remote()) > self.max_failures
 
 
 def _new_tuner(spec: SearchSpec, space: Any, trainable: Any, recorder: Any, stopper: Any, out: Path, total: int):  # noqa: ANN202
