@@ -122,7 +122,8 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         for t in space.models:  # a task not reached yet: its estimate is the running average
             vals.setdefault(f"task_{t}", vals["average"])
         if ctx["report_partial"] and partial["n"] < total:
-            tune.report({**vals, "examples": partial["n"], "complete": False, **base})
+            tune.report({**vals, "examples": partial["n"], "complete": False, "merge_s": merge_s, "eval_s": eval_s,
+                         "end_time": time.time(), **base})
 
     try:
         out = evaluate_resident(store, evaluator, recipe, ctx["features"], ctx["chunks"], scorer, on_chunk)
