@@ -34,8 +34,10 @@ def _check_out(out: Path, resume: bool, force: bool) -> None:
     if resume and not (out / TUNE_DIR).exists():
         raise SearchSpecError(f"--resume: {out} holds no search to resume ({out / TUNE_DIR} not found)")
     parent = out.resolve().parent
-    if not parent.exists() or not os.access(parent, os.W_OK):
-        raise SearchSpecError(f"--out {out}: parent folder {parent} does not exist or is not writable")
+    while not parent.exists():  # created with parents: the nearest existing folder must be writable
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise SearchSpecError(f"--out {out}: {parent} is not a writable folder; choose another --out")
 
 
 def search(spec: SearchSpec | str | Path, out: str | Path = "runs/search", *, resume: bool = False,

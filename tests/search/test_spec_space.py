@@ -114,3 +114,15 @@ def test_hypervolume_matches_a_hand_computed_2d_case():
     # staircase above the (0, 0) reference: 0.2*0.8 + (0.5-0.2)*0.5 + (0.8-0.5)*0.2
     assert hypervolume(pts[front], [0.0, 0.0], ["max", "max"]) == pytest.approx(0.16 + 0.15 + 0.06)
     assert hypervolume(pts, [0.0, 0.0], ["max", "max"]) == pytest.approx(0.37)
+
+
+def test_out_folder_rules(tmp_path):
+    from searchmerge.search.run import _check_out
+
+    _check_out(tmp_path / "new" / "deeper" / "run", resume=False, force=False)  # parents are created
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(SearchSpecError, match="--force"):
+        _check_out(tmp_path / "full", resume=False, force=False)
+    with pytest.raises(SearchSpecError, match="no search to resume"):
+        _check_out(tmp_path / "full", resume=True, force=False)
