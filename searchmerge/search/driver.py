@@ -13,17 +13,14 @@ import hashlib
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from searchmerge.errors import SearchmergeError
-from searchmerge.search.evaluation import (
-    build_eval_module, chunk_features, new_scorer, objective_values, plan_chunks, predict_chunk, split_features,
-)
-from searchmerge.search.space import Space, build_space
-from searchmerge.search.spec import SearchSpec, SearchSpecError
+from searchmerge.search.evaluation import chunk_features, new_scorer, objective_values, predict_chunk
+from searchmerge.search.space import Space
+from searchmerge.search.spec import SearchSpec
 
 TUNE_DIR = "tune"
 

@@ -3,7 +3,6 @@ result after any prefix of chunks is an unbiased estimate of the final one (what
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import numpy as np

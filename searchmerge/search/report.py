@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ray.tune import Callback
 
 from searchmerge.search.spec import SearchSpec
 
@@ -33,13 +34,7 @@ def read_trials(out: Path) -> list[dict[str, Any]]:
     return pd.read_parquet(p).to_dict("records")
 
 
-def _make_recorder_base():  # noqa: ANN202
-    from ray.tune import Callback
-
-    return Callback
-
-
-class TrialRecorder(_make_recorder_base()):  # type: ignore[misc]
+class TrialRecorder(Callback):
     """A Tune callback on the driver: one row per finished (or failed / stopped) trial, rewritten atomically."""
 
     def __init__(self, out: Path, spec: SearchSpec, prior: list[dict[str, Any]]) -> None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from searchmerge.search.driver import TUNE_DIR, Coordinator, _trial, evaluate_resident, grid_space, make_searcher
+from searchmerge.search.driver import TUNE_DIR, Coordinator, _trial, grid_space, make_searcher
 from searchmerge.search.evaluation import build_eval_module, exact_model, plan_chunks, split_features
 from searchmerge.search.report import TrialRecorder, finish_run, read_trials
 from searchmerge.search.space import build_space
@@ -117,7 +116,10 @@ def _metric_keys(tasks: list[str]) -> set[str]:
     return {"average", "worst", *[f"task_{t}" for t in tasks]}
 
 
-class _FailureStopper:
+from ray.tune import Stopper  # noqa: E402 - the run module always runs Tune
+
+
+class _FailureStopper(Stopper):
     """Stops the whole search once more than ``max_failures`` trials failed."""
 
     def __init__(self, coord_name: str, max_failures: int) -> None:
@@ -141,7 +143,6 @@ class _FailureStopper:
 
 def _new_tuner(spec: SearchSpec, space: Any, trainable: Any, recorder: Any, stopper: Any, out: Path, total: int):  # noqa: ANN202
     from ray import tune
-    from ray.tune import Stopper
 
     points = [space.point(p) for p in spec.points_to_evaluate]
     single = len(spec.objectives) == 1
@@ -156,14 +157,6 @@ def _new_tuner(spec: SearchSpec, space: Any, trainable: Any, recorder: Any, stop
     if spec.searcher == "grid":
         param_space, n = grid_space(space), 1
     alg = make_searcher(spec, space, points)
-
-    class _Stop(Stopper):
-        def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-            return False
-
-        def stop_all(self) -> bool:
-            return stopper.stop_all()
-
     return tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(
@@ -172,5 +165,5 @@ def _new_tuner(spec: SearchSpec, space: Any, trainable: Any, recorder: Any, stop
             metric=spec.objectives[0].key if single else None, mode=spec.objectives[0].mode if single else None,
         ),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(out.resolve()), callbacks=[recorder], verbose=0,
-                                  stop=_Stop(), failure_config=tune.FailureConfig(max_failures=0)),
+                                  stop=stopper, failure_config=tune.FailureConfig(max_failures=0)),
     )

@@ -47,15 +47,11 @@ def test_search_on_test_can_be_forced():
 
 
 def test_method_categorical_samples_every_method_with_conditional_parameters():
-    from ray.tune.search.variant_generator import generate_variants
-
     s = spec(methods={"task_arithmetic": {"lambda": [0.1, 1.0]},
                       "ties": {"density": [0.1, 0.9], "lambda": "search", "merge_func": ["sum", "mean"]},
                       "tsv_m": {"lambda": "search"}})
     space = build_space(s, ["a", "b", "c"])
     assert space.methods == ("task_arithmetic", "ties", "tsv_m")
-    from ray import tune
-
     seen = set()
     rng = np.random.default_rng(0)
     dom = space.tune_space()
