@@ -20,8 +20,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         recipe = recipe.model_copy(update={"seed": args.seed})
     out = merge(
         recipe, out=args.out, device=args.device, out_dtype=args.dtype, allow_pickle=args.allow_pickle,
-        overwrite=args.force, progress=not args.quiet,
+        overwrite=args.force, progress=not args.quiet, heads=args.heads,
     )
+    from searchmerge.merge import plan_merge
+
+    note = plan_merge(recipe, allow_pickle=args.allow_pickle).heads_message(args.heads)
+    if note:
+        print(note)
     print(f"wrote {out}")
     return 0
 
@@ -86,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="override the recipe's seed (random methods)")
     p.add_argument("--allow-pickle", action="store_true", help="load .bin/.pt checkpoints (weights_only=True)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--heads", choices=["drop", "per_task"], default="drop",
+                   help="task-model folders (…ForSequenceClassification): leave their heads out (the output is the "
+                        "merged base model), or also write tasks/<model>/, each model's head on the merged backbone")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=_cmd_merge)
 

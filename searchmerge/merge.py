@@ -17,6 +17,7 @@ import torch
 
 from searchmerge.errors import CheckpointError, RecipeError
 from searchmerge.io.checkpoint import open_checkpoint
+from searchmerge.io.task_models import HEAD_MODES, TaskModel, backbone_config, backbone_views, heads_message, write_task_folders
 from searchmerge.methods.registry import MethodSpec
 from searchmerge.recipe import Recipe, global_scalars, layer_fraction, layer_index, load_recipe, resolve_params
 
@@ -65,6 +66,11 @@ class MergePlan:
     keys: list[str]
     merged_keys: list[str]
     n_layers: int
+    task_models: list[TaskModel | None] | None = None  # per model: its head when it is a task-model folder
+    base_task_model: TaskModel | None = None
+
+    def heads_message(self, mode: str = "drop") -> str | None:
+        return heads_message(self.task_models or [], [m.model for m in self.recipe.models], mode)
 
     @property
     def reference(self) -> Any:
@@ -122,6 +128,7 @@ def plan_merge(
     if len(sources) != len(recipe.models):
         raise RecipeError(f"recipe lists {len(recipe.models)} models but {len(sources)} sources were given.")
     readers = [open_checkpoint(s, allow_pickle=allow_pickle) for s in sources]
+    (base_reader, *readers), (base_info, *infos) = backbone_views([base_reader, *readers])
     ref = base_reader if base_reader is not None else readers[0]
     ref_name = "base model" if base_reader is not None else f"models[0] ({recipe.models[0].model})"
     keys = ref.keys()
@@ -136,6 +143,8 @@ def plan_merge(
         keys=keys,
         merged_keys=merged,
         n_layers=(max(layers) + 1) if layers else 1,
+        task_models=infos,
+        base_task_model=base_info,
     )
 
 
@@ -210,11 +219,16 @@ def merge(
     allow_pickle: bool = False,
     overwrite: bool = False,
     progress: bool = False,
+    heads: str = "drop",
 ) -> dict[str, torch.Tensor] | Path:
     """Merge per ``recipe`` (a :class:`Recipe` or a YAML path, ours or MergeKit's).
 
     Returns the merged state dict, or, with ``out``, writes an HF folder atomically and returns its path.
+    Task-model folders (``…ForSequenceClassification``) merge their backbones; ``heads="per_task"`` also
+    writes ``tasks/<model>/``, each model's head on the merged backbone (see :mod:`searchmerge.io.task_models`).
     """
+    if heads not in HEAD_MODES:
+        raise RecipeError(f"heads must be one of {list(HEAD_MODES)}, got {heads!r}.")
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     if out_dtype is not None and out_dtype not in DTYPES:
@@ -229,7 +243,18 @@ def merge(
         return merged
     from searchmerge.io.writer import write_safetensors_folder
 
+    import json
+
     folder = plan.reference.folder
+    extra = {"searchmerge_recipe.yaml": recipe.to_yaml()}
+    ref_info = plan.base_task_model if plan.base is not None else (plan.task_models or [None])[0]
+    if ref_info is not None:  # the output is the merged base model, so its config must say so
+        extra["config.json"] = json.dumps(backbone_config(ref_info.config), indent=2)
+
+    def add_tasks(tmp: Path) -> None:
+        if heads == "per_task" and plan.task_models:
+            write_task_folders(tmp, merged, plan.models, plan.task_models, [m.model for m in recipe.models])
+
     return write_safetensors_folder(
-        merged, out, config_from=folder, extra_files={"searchmerge_recipe.yaml": recipe.to_yaml()}, overwrite=overwrite
+        merged, out, config_from=folder, extra_files=extra, overwrite=overwrite, before_publish=add_tasks,
     )

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -55,8 +56,11 @@ def write_safetensors_folder(
     extra_files: dict[str, str] | None = None,
     max_shard_bytes: int = 5 * 1024**3,
     overwrite: bool = False,
+    before_publish: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write ``tensors`` as an HF folder (sharded with an index when large), atomically."""
+    """Write ``tensors`` as an HF folder (sharded with an index when large), atomically.
+
+    ``before_publish(tmp)`` may add more to the folder before it is renamed into place."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"output {out} already exists; pass overwrite=True (CLI: --force) to replace it.")
@@ -81,6 +85,8 @@ def write_safetensors_folder(
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        if before_publish is not None:
+            before_publish(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

@@ -15,6 +15,7 @@ import torch
 
 from searchmerge.errors import CheckpointError, RecipeError, SearchmergeError
 from searchmerge.io.checkpoint import open_checkpoint
+from searchmerge.io.task_models import backbone_views
 from searchmerge.merge import DTYPES, check_compatible, tensor_rng
 from searchmerge.recipe import Recipe, global_scalars, layer_index
 from searchmerge.store.stages import from_numpy, to_numpy, trim_stage
@@ -95,8 +96,8 @@ class TaskVectorStore:
             raise RecipeError("a store needs at least one fine-tuned model.")
         self = cls()
         self.timeout_s = float(timeout_s)
-        base_reader = open_checkpoint(base, allow_pickle=allow_pickle)
-        readers = [open_checkpoint(m, allow_pickle=allow_pickle) for m in models]
+        opened = [open_checkpoint(src, allow_pickle=allow_pickle) for src in (base, *models)]
+        (base_reader, *readers), _ = backbone_views(opened)  # task-model folders: their backbones
         keys = base_reader.keys()
         check_compatible(base_reader, "base model", readers, [f"models[{i}]" for i in range(len(readers))])
         self.keys = list(keys)

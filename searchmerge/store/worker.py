@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from searchmerge.io.checkpoint import StateDictReader, open_checkpoint
+from searchmerge.io.task_models import backbone_views
 from searchmerge.merge import DTYPES, merge_tensor, tensor_rng
 from searchmerge.recipe import Recipe, global_scalars, layer_fraction, resolve_params
 from searchmerge.store import kernels
@@ -113,7 +114,7 @@ def _deliver(target: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
 def _reader(src: Any, allow_pickle: bool):
     if isinstance(src, dict):  # {name: (dtype tag, ndarray)} from the object store
         return StateDictReader({k: from_numpy(v) for k, v in src.items()})
-    return open_checkpoint(src, allow_pickle=allow_pickle)
+    return backbone_views([open_checkpoint(src, allow_pickle=allow_pickle)])[0][0]  # a task model: its backbone
 
 
 class ShardWorker:

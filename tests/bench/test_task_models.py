@@ -32,6 +32,8 @@ def _config(arch: str):  # noqa: ANN202
     kw = dict(vocab_size=16, pad_token_id=0)
     if arch == "bert":
         return transformers.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, **kw)
+    if arch == "gpt2":  # GPT-2's `score` head reads the last non-pad token
+        return transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=40, **kw)
     if arch == "distilbert":
         return transformers.DistilBertConfig(dim=16, n_layers=2, n_heads=2, hidden_dim=32, **kw)
     return transformers.RobertaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
@@ -66,7 +68,7 @@ def _pool(root: Path, arch: str) -> tuple[Path, dict[str, object]]:
     return root / "bench.yaml", ft
 
 
-@pytest.mark.parametrize("arch", ["bert", "distilbert", "roberta"])
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "roberta", "gpt2"])
 def test_individual_equals_plain_transformers(tmp_path: Path, arch: str) -> None:
     path, ft = _pool(tmp_path, arch)
     bench = load_bench(path)

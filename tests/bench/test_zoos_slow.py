@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -41,7 +43,7 @@ def _effects(bench, lam_good: float, lam_bad: float = 1.0) -> dict[str, float]:
     }
 
 
-@pytest.mark.parametrize("zoo, min_tasks, family", [("text", 6, "seqcls"), ("vision", 4, "image")])
+@pytest.mark.parametrize("zoo, min_tasks, family", [("text", 6, "seqcls_task"), ("vision", 4, "image")])
 def test_zoo_shows_merging_effects(zoo, min_tasks, family):
     bench = _zoo(zoo)
     assert len(bench.taskpool.names) >= min_tasks and bench.modelpool.spec.family == family
@@ -59,3 +61,13 @@ def test_mobilenet_imagenet_weights_load_strict():
         pytest.skip(str(exc))
     m = vision.load_imagenet_mobilenet()
     assert sum(p.numel() for p in m.parameters()) == 3_504_872
+
+
+def test_text_zoo_is_fully_fine_tuned_and_self_contained():
+    from searchmerge.bench.zoo.text import unchanged_tensors
+
+    bench = _zoo("text")
+    mp = bench.modelpool
+    assert not Path(mp.spec.base).is_absolute()  # the base is the zoo's own copy, not a path into a venv
+    for t, sd in mp.finetuned.items():
+        assert unchanged_tensors(mp.base, sd) == [], t

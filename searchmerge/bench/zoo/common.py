@@ -108,9 +108,10 @@ def progress_bar(enabled: bool, label: str, total: int) -> Iterator[Callable[...
     if not enabled:
         yield lambda n=1, description=None: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as prog:
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn()) as prog:
         task = prog.add_task(label, total=total)
         last = [label]
 
