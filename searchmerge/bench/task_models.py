@@ -36,6 +36,7 @@ def load_task_model(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # a pool loads 7+ folders: no "Loading weights" bar for each
     try:
         model = AutoModelForSequenceClassification.from_pretrained(str(folder))
     finally:

@@ -5,7 +5,8 @@ fixes (a scalar) or searches the declared range (``search``); it never declares 
 make the method a searched categorical; each method's parameters are conditional on it (namespaced
 ``method.param``, read only when that method is drawn). Per-model parameters get one dimension per task
 (``granularity: per_model``) and, with ``layer_groups: G``, one per task and depth group, emitted as a
-MergeKit depth gradient of G values.
+MergeKit depth gradient of G values. ``tensor_kinds`` gives every numeric coordinate one value per listed kind
+(norm / embedding / attention / mlp) plus one for the other tensors, emitted as MergeKit name filters.
 """
 
 from __future__ import annotations
@@ -15,10 +16,35 @@ from typing import Any, Sequence
 
 from searchmerge.errors import RecipeError
 from searchmerge.methods.registry import Param, get_method
-from searchmerge.recipe import Recipe
+from searchmerge.recipe import Conditional, Recipe
 from searchmerge.search.spec import SearchSpec, SearchSpecError
 
 METHOD_KEY = "method"
+OTHER_KIND = "other"
+# Substring filters per tensor kind, in priority order (first match wins, as MergeKit's filters do): BERT /
+# RoBERTa / DistilBERT / GPT-2 / Llama / Mistral / CLIP names. Every kind is always emitted, so a tensor is
+# classified the same whichever kinds a spec lists.
+KIND_FILTERS: dict[str, tuple[str, ...]] = {
+    "norm": ("LayerNorm", "norm", "ln_"),
+    "embedding": ("embed", "wte", "wpe", "lm_head"),
+    "attention": ("attention", "attn"),
+    "mlp": ("mlp", "intermediate", "output.dense", "ffn", "fc1", "fc2", "lin1", "lin2", "dense_h_to_4h", "dense_4h_to_h"),
+}
+
+
+def tensor_kind(name: str) -> str:
+    """The kind a tensor name falls in (``other`` when no filter matches)."""
+    for kind, subs in KIND_FILTERS.items():
+        if any(s in name for s in subs):
+            return kind
+    return OTHER_KIND
+
+
+def kind_conditionals(values: dict[str, Any]) -> list[Conditional]:
+    """Name-filter conditionals giving each kind its value (a kind not in ``values`` takes the ``other`` one)."""
+    other = values[OTHER_KIND]
+    conds = [Conditional(filter=sub, value=values.get(kind, other)) for kind, subs in KIND_FILTERS.items() for sub in subs]
+    return conds + [Conditional(filter=None, value=other)]
 
 
 @dataclass(frozen=True)
@@ -30,6 +56,7 @@ class Dim:
     param: str
     model: int | None = None  # index into the task list (per-model parameters)
     group: int | None = None  # depth group (layer_groups > 1)
+    kind: str | None = None  # tensor kind (tensor_kinds listed)
     low: float | None = None
     high: float | None = None
     choices: tuple[Any, ...] | None = None
@@ -43,6 +70,7 @@ class Space:
     fixed: dict[str, dict[str, Any]]  # method -> param -> fixed value
     models: tuple[str, ...]
     layer_groups: int
+    tensor_kinds: tuple[str, ...] = ()
 
     def tune_space(self) -> dict[str, Any]:
         from ray import tune
@@ -68,20 +96,21 @@ class Space:
         spec = get_method(method)
         glob: dict[str, Any] = dict(self.fixed.get(method, {}))
         per_model: list[dict[str, Any]] = [{} for _ in self.models]
-        grads: dict[tuple[int, str], list[float]] = {}
+        # (model or None, param) -> kind or None -> a value, or G gradient values
+        values: dict[tuple[int | None, str], dict[str | None, Any]] = {}
         for d in self.dims:
             if d.method != method:
                 continue
             v = config[d.key]
             v = v.item() if hasattr(v, "item") else v
-            if d.model is None:
-                glob[d.param] = v
-            elif d.group is None:
-                per_model[d.model][d.param] = v
+            slot = values.setdefault((d.model, d.param), {})
+            if d.group is None:
+                slot[d.kind] = v
             else:
-                grads.setdefault((d.model, d.param), [0.0] * self.layer_groups)[d.group] = float(v)
-        for (m, p), values in grads.items():
-            per_model[m][p] = values
+                slot.setdefault(d.kind, [0.0] * self.layer_groups)[d.group] = float(v)
+        for (m, p), by_kind in values.items():
+            value = by_kind[None] if None in by_kind else kind_conditionals(by_kind)  # type: ignore[arg-type]
+            (glob if m is None else per_model[m])[p] = value
         base = "base" if spec.base != "none" else None
         return Recipe(
             method=method, base_model=base,
@@ -154,14 +183,19 @@ def _dims_for(method: str, p: Param, setting: Any, models: Sequence[str], spec: 
         except RecipeError as exc:
             raise SearchSpecError(str(exc)) from None
     key = f"{method}.{p.name}"
-    make = lambda k, m=None, g=None: Dim(  # noqa: E731
-        k, method, p.name, m, g, *(bounds if bounds else (None, None)), choices, p.kind is int
+    kinds: list[str | None] = [None]
+    if spec.tensor_kinds and choices is None:
+        kinds = [*spec.tensor_kinds, OTHER_KIND]
+    tag = lambda k: f"%{k}" if k is not None else ""  # noqa: E731
+    make = lambda k, m=None, g=None, kind=None: Dim(  # noqa: E731
+        k + tag(kind), method, p.name, m, g, kind, *(bounds if bounds else (None, None)), choices, p.kind is int
     )
     if not p.per_model or spec.granularity == "global" or choices is not None:
-        return [make(key)], None
+        return [make(key, kind=c) for c in kinds], None
     if spec.layer_groups == 1:
-        return [make(f"{key}@{n}", i) for i, n in enumerate(models)], None
-    return [make(f"{key}@{n}#{g}", i, g) for i, n in enumerate(models) for g in range(spec.layer_groups)], None
+        return [make(f"{key}@{n}", i, kind=c) for i, n in enumerate(models) for c in kinds], None
+    return [make(f"{key}@{n}#{g}", i, g, kind=c) for i, n in enumerate(models) for g in range(spec.layer_groups)
+            for c in kinds], None
 
 
 def build_space(spec: SearchSpec, models: Sequence[str] | None = None) -> Space:
@@ -187,7 +221,7 @@ def build_space(spec: SearchSpec, models: Sequence[str] | None = None) -> Space:
             dims += new
             if not new:
                 fixed.setdefault(m.name, {})[name] = value
-    space = Space(tuple(methods), tuple(dims), fixed, models, spec.layer_groups)
+    space = Space(tuple(methods), tuple(dims), fixed, models, spec.layer_groups, tuple(spec.tensor_kinds))
     for i, pt in enumerate(spec.points_to_evaluate):
         try:
             space.point(pt)

@@ -9,6 +9,7 @@
       tsv_m: {alpha: 1.0}                           # fixed
     granularity: per_model              # global | per_model (per-model parameters get one value per task)
     layer_groups: 1                     # G > 1: per-model parameters become depth gradients of G values
+    tensor_kinds: [attention, mlp]      # a value per tensor kind (and one for the rest), emitted as name filters
     points_to_evaluate: [{method: task_arithmetic, lambda: 0.3}]
     objectives: [{metric: average, mode: max}]     # average | worst | task:<name>
     searcher: optuna_tpe
@@ -88,6 +89,8 @@ class SearchSpec(BaseModel):
     methods: dict[str, dict[str, ParamSetting]]
     granularity: Literal["global", "per_model"] = "global"
     layer_groups: int = Field(default=1, ge=1, le=64)
+    # each listed kind gets its own value of every searched numeric parameter; other tensors share one more
+    tensor_kinds: list[Literal["norm", "embedding", "attention", "mlp"]] = Field(default_factory=list)
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
     objectives: list[Objective] = Field(default_factory=lambda: [Objective()])
     reference_point: list[float] | None = None  # hypervolume reference (objective units); default: worst possible
@@ -118,6 +121,8 @@ class SearchSpec(BaseModel):
             )
         if len(self.objectives) > 1 and self.scheduler.type == "asha":
             raise ValueError("scheduler `asha` stops on one metric; use `fifo` with several objectives")
+        if len(set(self.tensor_kinds)) != len(self.tensor_kinds):
+            raise ValueError(f"tensor_kinds lists a kind twice: {self.tensor_kinds}")
         if self.reference_point is not None and len(self.reference_point) != len(self.objectives):
             raise ValueError(f"reference_point has {len(self.reference_point)} value(s) for {len(self.objectives)} objective(s)")
         return self

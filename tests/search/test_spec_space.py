@@ -122,3 +122,46 @@ def test_out_folder_rules(tmp_path):
         _check_out(tmp_path / "full", resume=False, force=False)
     with pytest.raises(SearchSpecError, match="no search to resume"):
         _check_out(tmp_path / "full", resume=True, force=False)
+
+
+BERT_NAMES = {
+    "embeddings.word_embeddings.weight": "embedding", "embeddings.LayerNorm.weight": "norm",
+    "encoder.layer.0.attention.self.query.weight": "attention", "encoder.layer.0.attention.output.dense.weight": "attention",
+    "encoder.layer.0.attention.output.LayerNorm.bias": "norm", "encoder.layer.0.intermediate.dense.weight": "mlp",
+    "encoder.layer.0.output.dense.weight": "mlp", "encoder.layer.0.output.LayerNorm.weight": "norm",
+    "pooler.dense.weight": "other", "model.layers.3.self_attn.q_proj.weight": "attention",
+    "model.layers.3.mlp.up_proj.weight": "mlp", "model.layers.3.input_layernorm.weight": "norm",
+    "transformer.h.0.ln_1.weight": "norm", "transformer.wte.weight": "embedding",
+}
+
+
+def test_tensor_kinds_classify_common_architectures():
+    from searchmerge.search.space import tensor_kind
+
+    assert {n: tensor_kind(n) for n in BERT_NAMES} == BERT_NAMES
+
+
+@pytest.mark.parametrize("granularity", ["global", "per_model"])
+def test_tensor_kinds_emit_filters_that_resolve_per_kind(granularity):
+    from searchmerge.recipe import layer_fraction, resolve_params
+
+    s = spec(methods={"ties": {"density": [0.1, 0.9], "lambda": [0.2, 2.0]}}, granularity=granularity,
+             tensor_kinds=["attention", "mlp"])
+    space = build_space(s, ["a", "b"])
+    kinds = {d.kind for d in space.dims}
+    assert kinds == {"attention", "mlp", "other"}
+    per = 2 if granularity == "per_model" else 1
+    assert len(space.dims) == 3 + 3 * per  # lambda (global) + density (per model when asked), x 3 kinds
+    config = {d.key: {"attention": 0.3, "mlp": 0.6, "other": 0.8}[d.kind] + (0.01 * (d.model or 0)) for d in space.dims}
+    recipe = Recipe.from_yaml(space.to_recipe(config).to_yaml())  # a valid recipe, round-trips
+    for name, kind in BERT_NAMES.items():
+        p = resolve_params(recipe, name, layer_fraction(name, 6))
+        want = {"attention": 0.3, "mlp": 0.6}.get(kind, 0.8)
+        assert p["lambda"] == pytest.approx(want)
+        dens = p["density"]  # a per-model parameter: one value per model either way
+        assert dens == pytest.approx([want, want + 0.01] if granularity == "per_model" else [want, want])
+
+
+def test_tensor_kinds_listed_twice_refused():
+    with pytest.raises(SearchSpecError, match="tensor_kinds"):
+        spec(tensor_kinds=["mlp", "mlp"])
