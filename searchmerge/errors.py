@@ -60,3 +60,7 @@ def message(what: str, fix: str = "", where: Position | str | None = None) -> st
     """``<where>: <what> — <fix>``: the one-line shape of every error message."""
     text = what if not fix else f"{what} — {fix}"
     return f"{where}: {text}" if where else text
+
+
+class UsageError(SearchmergeError, ValueError):
+    """A command-line value is invalid (an unknown method name, a bad list)."""
