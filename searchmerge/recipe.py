@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from searchmerge.errors import RecipeError
-from searchmerge.io.yaml_safe import Positions, load_yaml, position_of, read_yaml_mapping
+from searchmerge.io.yaml_safe import KEY, Positions, load_yaml, position_of, read_yaml_mapping
 from searchmerge.methods.registry import MethodSpec, Param, get_method
 from searchmerge.suggest import did_you_mean
 
@@ -109,9 +109,10 @@ def _one_error(err: Any) -> tuple[str, tuple[Any, ...]]:
         owner = () if len(loc) == 1 else ("models",) if loc[0] == "models" and len(loc) == 3 else ("filter",)
         hint = did_you_mean(str(loc[-1]), _FIELDS.get(owner, ()))
         msg = f"unknown key `{loc[-1]}` — {hint + ' ' if hint else ''}valid keys: {', '.join(_FIELDS.get(owner, ()))}"
+        loc = (*loc, KEY)
     elif "input" in err and not isinstance(err["input"], (dict, list)):
         msg = f"{msg} (got {err['input']!r})"
-    return (f"{where}: {msg}" if where else msg), loc
+    return (f"{where}: {msg}" if where else msg), tuple(loc)
 
 
 def _recipe_error(exc: ValidationError) -> RecipeError:
@@ -186,11 +187,12 @@ def validate_recipe(recipe: Recipe) -> None:
     if spec.base == "none" and recipe.base_model:
         raise RecipeError(f"method `{spec.name}` takes no `base_model` — remove it", loc=("base_model",))
     for name, value in recipe.parameters.items():
-        _checked(lambda: _check_value(spec.param(name), value, "parameters"), ("parameters", name))
+        param = _checked(lambda: spec.param(name), ("parameters", name, KEY))
+        _checked(lambda: _check_value(param, value, "parameters"), ("parameters", name))
     for i, entry in enumerate(recipe.models):
         for name, value in entry.parameters.items():
             loc = ("models", i, "parameters", name)
-            param = _checked(lambda: spec.param(name), loc)
+            param = _checked(lambda: spec.param(name), (*loc, KEY))
             if not param.per_model:
                 raise RecipeError(
                     f"models[{i}] ({entry.model}): `{name}` is a global parameter of `{spec.name}` — "

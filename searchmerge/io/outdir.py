@@ -41,6 +41,15 @@ def _existing_ancestor(path: Path) -> Path:
     return parent
 
 
+def _can_create_in(folder: Path) -> bool:
+    """Whether a folder can be created in ``folder``: tried for real (``os.access`` says yes to root on /proc)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".searchmerge-probe-", dir=folder))
+        return True
+    except OSError:
+        return False
+
+
 def _mb(n: float) -> str:
     return f"{n / 1e6:,.0f} MB"
 
@@ -56,7 +65,7 @@ def check_output_dir(out: str | Path, *, force: bool = False, needed_bytes: int 
                                   "pass --force to replace it (the old one is kept until the new one is complete)"
                                   " or choose another --out", out))
     ancestor = _existing_ancestor(out)
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+    if not ancestor.is_dir() or not _can_create_in(ancestor):
         raise OutputError(message(f"cannot create the output folder: {ancestor} is not a writable folder",
                                   "choose another --out", out))
     if needed_bytes:

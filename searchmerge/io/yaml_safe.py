@@ -17,8 +17,10 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from searchmerge.errors import Position, SearchmergeError, YamlError, message
 
-#: A document's positions: path of keys / indexes (as in pydantic's ``loc``) -> where it starts.
+#: A document's positions: path of keys / indexes (as in pydantic's ``loc``) -> where its value starts;
+#: ``(*path, KEY)`` -> where the key itself starts (for "unknown key" errors).
 Positions = dict[tuple[Any, ...], Position]
+KEY = "<key>"
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
@@ -83,6 +85,7 @@ def _walk(node: Node, path: tuple[Any, ...], positions: Positions, name: str, se
                         key_node.start_mark,
                     )
                 keys[ident] = key_node.start_mark
+                positions.setdefault((*path, key_node.value, KEY), _where(name, key_node.start_mark))
                 _walk(value_node, (*path, key_node.value), positions, name, seen)
             else:
                 _walk(value_node, path, positions, name, seen)
@@ -180,8 +183,11 @@ def read_yaml_mapping(
 
 
 def position_of(positions: Positions, loc: Sequence[Any], default: Position | str | None = None) -> Position | str | None:
-    """Where the longest known prefix of ``loc`` starts (pydantic locs and our own)."""
+    """Where the longest known prefix of ``loc`` starts (pydantic locs and our own; a trailing ``KEY``: the key)."""
     loc = tuple(loc)
+    if loc in positions:
+        return positions[loc]
+    loc = tuple(p for p in loc if p != KEY)
     for n in range(len(loc), -1, -1):
         prefix = loc[:n]
         if prefix in positions:

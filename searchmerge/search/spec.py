@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from searchmerge.errors import SearchmergeError
-from searchmerge.io.yaml_safe import Positions, position_of, read_yaml_mapping
+from searchmerge.io.yaml_safe import KEY, Positions, position_of, read_yaml_mapping
 from searchmerge.suggest import did_you_mean
 
 SEARCHERS = (
@@ -156,7 +156,8 @@ def _format(exc: ValidationError, where: str, positions: Positions | None = None
     parts = []
     errors = exc.errors()
     if positions and errors:
-        where = f"{position_of(positions, errors[0]['loc'], where.rstrip(': '))}: "
+        first = tuple(errors[0]["loc"]) + ((KEY,) if errors[0]["type"] == "extra_forbidden" else ())
+        where = f"{position_of(positions, first, where.rstrip(': '))}: "
     for e in errors:
         loc = ".".join(str(x) for x in e["loc"]) or "spec"
         msg = e["msg"].removeprefix("Value error, ")
