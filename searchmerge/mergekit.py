@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from searchmerge.errors import RecipeError
-from searchmerge.io.yaml_safe import load_yaml
+from searchmerge.io.yaml_safe import KEY, load_yaml
 from pydantic import ValidationError
 
 from searchmerge.recipe import Conditional, Recipe, recipe_from_dict
@@ -125,7 +125,7 @@ def from_mergekit(config: dict[str, Any] | str) -> Recipe:
 
             hint = did_you_mean(str(key), _KNOWN_KEYS)
             raise RecipeError(f"unknown MergeKit key `{key}` — {hint + ' ' if hint else ''}valid keys: "
-                              f"{', '.join(_KNOWN_KEYS)}", loc=(key,))
+                              f"{', '.join(_KNOWN_KEYS)}", loc=(key, KEY))
     for key in _IGNORED_KEYS:
         if key in config:
             warnings.warn(f"MergeKit `{key}` is ignored: searchmerge copies config and tokenizer from the base.",
