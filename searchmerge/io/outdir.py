@@ -34,6 +34,13 @@ def chmod_umask(path: Path, mode: int = 0o777) -> None:
     os.chmod(path, mode & ~current_umask())
 
 
+def _umask_files(folder: Path) -> None:
+    """Files some writers create 0o600 (safetensors, mkstemp) get the umask's mode, as ``open`` would give."""
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            chmod_umask(path, 0o777 if path.stat().st_mode & 0o111 else 0o666)
+
+
 def _existing_ancestor(path: Path) -> Path:
     parent = path.absolute().parent
     while not parent.exists():
@@ -111,6 +118,7 @@ def staged_dir(out: str | Path, *, force: bool = False) -> Iterator[Path]:
     try:
         chmod_umask(tmp)
         yield tmp
+        _umask_files(tmp)
         publish(tmp, out, force=force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
