@@ -87,8 +87,8 @@ def _convert_params(method: str, params: dict[str, Any], where: str, loc: tuple[
                 raise RecipeError(f"{where}: `rescale` must be true or false, got {value!r} — MergeKit's rescale is "
                                   "a boolean", loc=(*loc, key))
             out["rescale"] = "l1" if value else "none"
-        elif key == "rescale" and method == "task_arithmetic":
-            continue  # MergeKit rescales after sparsifying; task_arithmetic never sparsifies: no effect
+        elif key in ("rescale", "density") and method == "task_arithmetic":
+            continue  # MergeKit reads both only to sparsify; its task_arithmetic never sparsifies: no effect
         elif key == "rescale":
             if value is not False:
                 raise RecipeError(f"{where}: `rescale: {value}` is not supported by `{method}` in searchmerge — "

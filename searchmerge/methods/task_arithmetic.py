@@ -18,6 +18,7 @@ from typing import Annotated, Any, Iterable, Sequence
 
 import torch
 
+from searchmerge.errors import RecipeError
 from searchmerge.methods._types import Density, MergeFunc, Rescale, Scale, TrimScope, Weight
 from searchmerge.methods.registry import PerModel, Range, merge_method
 from searchmerge.methods.sparsify import sparsify
@@ -146,7 +147,7 @@ _prepare_dare_ties.needed = _trim_needed  # type: ignore[attr-defined]
 
 def _thresholds(stats: Any, trim_scope: str, rescale: str = "none") -> list[float] | None:
     if trim_scope == "model" and rescale != "none":
-        raise ValueError(f"ties: `rescale: {rescale}` applies to per-tensor trimming; with `trim_scope: model` "
+        raise RecipeError(f"ties: `rescale: {rescale}` applies to per-tensor trimming; with `trim_scope: model` "
                          "use `rescale: none`")
     if trim_scope != "model":
         return None
