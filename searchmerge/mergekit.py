@@ -93,7 +93,7 @@ def _convert_params(method: str, params: dict[str, Any], where: str, loc: tuple[
             if value is not False:
                 raise RecipeError(f"{where}: `rescale: {value}` is not supported by `{method}` in searchmerge — "
                                   "remove it", loc=(*loc, key))
-        elif key in _OURS_ONLY.get(method, {}):
+        elif key in _OURS_ONLY.get(method, {}) and value != _OURS_ONLY[method][key]:
             raise RecipeError(f"{where}: MergeKit's `{method}` has no `{key}` (MergeKit ignores it) — remove it",
                               loc=(*loc, key))
         else:
@@ -182,10 +182,9 @@ def _export_params(method: str, params: dict[str, Any], where: str) -> dict[str,
         elif key == "trim_density":
             if value != 1 and value != 1.0:
                 raise RecipeError(f"{where}: `trim_density` (TIES trim after DARE) has no MergeKit equivalent.")
-        elif key in _OURS_ONLY.get(method, {}):
-            if value != _OURS_ONLY[method][key]:
-                raise RecipeError(f"{where}: MergeKit's `{method}` has no `{key}`; only {_OURS_ONLY[method][key]} "
-                                  "can be exported.")
+        elif key in _OURS_ONLY.get(method, {}) and value != _OURS_ONLY[method][key]:
+            raise RecipeError(f"{where}: MergeKit's `{method}` has no `{key}`; only {_OURS_ONLY[method][key]} "
+                              "(no effect) can be exported.")
         else:
             out[key] = value
     return out

@@ -135,6 +135,9 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     """Validate a plain dict; every problem comes back in one ``RecipeError``."""
     if not isinstance(data, dict):
         raise RecipeError(f"a recipe must be a mapping with `method` and `models`, got {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise RecipeError(f"recipe keys must be strings, got {bad[0]!r} — write `key: value` lines")
     return Recipe(**data)
 
 
