@@ -158,3 +158,27 @@ def test_demo_refuses_an_existing_folder_without_force(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--quick"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--force" in err[0]
+
+
+def test_search_force_keeps_the_old_run_until_the_new_one_finished(tmp_path, monkeypatch):
+    import searchmerge.search.run as run
+    from searchmerge.search.spec import parse_search_spec
+
+    spec = parse_search_spec({"bench": "fixture", "methods": {"task_arithmetic": {"lambda": "search"}}})
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("old")
+
+    def interrupted(spec, out, **kw):
+        (out / "trials.parquet").write_text("partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "_search", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run.search(spec, out, force=True)
+    assert (out / "trials.parquet").is_file()  # the new run stays, resumable
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith(".run.old-")]
+    assert (kept[0] / "folder" / "summary.json").read_text() == "old"
+    monkeypatch.setattr(run, "_search", lambda spec, out, **kw: (out / "summary.json").write_text("new"))
+    run.search(spec, out, force=True)
+    assert (out / "summary.json").read_text() == "new"
