@@ -55,6 +55,13 @@ def configs(base: Path, fts: list[Path]) -> dict[str, dict]:
                    {"model": m[2], "parameters": {"weight": grad, "density": 0.4}}],
         "parameters": p,
     }
+    gammas = [0.02, [0.0, 0.1], [{"filter": "mlp", "value": 0.05}, {"value": 0.01}]]
+    epsilons = [0.1, [0.05, 0.2], [{"filter": "self_attn", "value": 0.15}, {"value": 0.05}]]
+
+    def per_model(cfg: dict, name: str, values: list) -> dict:
+        models = [{**e, "parameters": {**e["parameters"], name: v}} for e, v in zip(cfg["models"], values)]
+        return {**cfg, "models": models}
+
     return {
         "linear": {"merge_method": "linear", "dtype": "float32",
                    "models": [{"model": x, "parameters": {"weight": w}} for x, w in zip(m, (1.0, 0.5, [0, 1]))]},
@@ -65,6 +72,15 @@ def configs(base: Path, fts: list[Path]) -> dict[str, dict]:
         "ties_sum": gta("ties", normalize=False, **{"lambda": 0.5}),
         "breadcrumbs": gta("breadcrumbs", gamma=0.05),
         "breadcrumbs_ties": gta("breadcrumbs_ties", gamma=0.05),
+        # MergeKit 0.1.5 declares gamma / epsilon per model (ParameterScope.NON_BASE): per model, per tensor
+        # (filters) and per depth (gradients), next to the per-model densities of `gta`
+        "breadcrumbs_per_model_gamma": per_model(gta("breadcrumbs"), "gamma", gammas),
+        "breadcrumbs_ties_per_model_gamma": per_model(gta("breadcrumbs_ties", normalize=True), "gamma", gammas),
+        "ties_rescale": gta("ties", rescale=True),
+        "breadcrumbs_rescale": per_model(gta("breadcrumbs", rescale=True), "gamma", gammas),
+        # random masks: different RNG streams, so only the kept fraction agrees (see the module docstring)
+        "della_per_model_epsilon": per_model(gta("della"), "epsilon", epsilons),
+        "della_linear_per_model_epsilon": per_model(gta("della_linear", **{"lambda": 0.9}), "epsilon", epsilons),
         "dare_ties_density1": {**gta("dare_ties"), "models": [{"model": x, "parameters": {"weight": 0.5}} for x in m]},
         "dare_linear_density1": {**gta("dare_linear"), "models": [{"model": x, "parameters": {"weight": 0.5}} for x in m]},
         "sce": {"merge_method": "sce", "base_model": b, "dtype": "float32", "models": [{"model": x} for x in m],

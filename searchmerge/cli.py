@@ -1,4 +1,4 @@
-"""Command line: ``searchmerge merge | convert | methods | demo | bench | ...``."""
+"""Command line: ``searchmerge search | report | bench | merge | convert | methods | demo``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from searchmerge.errors import SearchmergeError
+from searchmerge.cli_errors import OneLineParser, console_width, run_command
+
+DESCRIPTION = """Search model-merging recipes fast: exact merge methods (ours and MergeKit's YAML), resident task
+vectors on Ray, Tune/Optuna/Nevergrad search. The main job is `searchmerge search SPEC --out RUN_DIR`;
+`searchmerge bench` runs the leaderboard, `searchmerge merge` one recipe."""
+
+EPILOG = """exit codes: 0 done; 2 bad input (recipe, spec, checkpoint, output folder, command line); 1 runtime
+failure (an unexpected error writes its traceback to a file; --debug prints it). See docs/errors.md."""
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -20,7 +27,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         recipe = recipe.model_copy(update={"seed": args.seed})
     out = merge(
         recipe, out=args.out, device=args.device, out_dtype=args.dtype, allow_pickle=args.allow_pickle,
-        overwrite=args.force, progress=not args.quiet, heads=args.heads,
+        overwrite=args.force, progress=not args.quiet, allow_non_finite=args.allow_non_finite, heads=args.heads,
     )
     from searchmerge.merge import plan_merge
 
@@ -53,34 +60,42 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
     from searchmerge.methods.registry import list_methods
 
-    table = Table(title="searchmerge merge methods")
-    for col in ("method", "inputs", "base", "models", "parameters (default, valid range)", "reference"):
+    table = Table(title="searchmerge merge methods (per model: set under models[i].parameters, or globally)")
+    for col in ("method", "aliases", "inputs", "base", "models", "parameters (default, valid range)", "reference"):
         table.add_column(col, overflow="fold")
     for spec in list_methods():
         params = []
         for p in spec.params:
-            desc = f"{p.name}{'[per model]' if p.per_model else ''}={p.default!r}"
+            desc = f"{p.name}={p.default!r}{' (per model)' if p.per_model else ''}"
             if p.choices:
                 desc += f" ∈ {list(p.choices)}"
             elif p.range is not None:
                 desc += f" ∈ {p.range.describe()}"
             params.append(desc)
         models = f"{spec.min_models}+" if spec.max_models is None else f"{spec.min_models}-{spec.max_models}"
-        table.add_row(spec.name, spec.inputs, spec.base, models, "\n".join(params) or "-", spec.reference)
-    Console(width=args.width).print(table)
+        table.add_row(spec.name, ", ".join(spec.aliases) or "-", spec.inputs, spec.base, models,
+                      "\n".join(params) or "-", spec.reference)
+    Console(width=args.width or console_width()).print(table)
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from searchmerge.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick)
+    from searchmerge.io.outdir import fresh_dir
+
+    with fresh_dir(args.out, force=args.force) as out:
+        run_demo(out, quick=args.quick)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="searchmerge", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from searchmerge import __version__
+
+    parser = OneLineParser(prog="searchmerge", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"searchmerge {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("merge", help="merge checkpoints per a recipe (ours or MergeKit YAML)")
     p.add_argument("recipe", type=Path)
@@ -90,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output dtype (default: the recipe's out_dtype, else the base's)")
     p.add_argument("--seed", type=int, default=None, help="override the recipe's seed (random methods)")
     p.add_argument("--allow-pickle", action="store_true", help="load .bin/.pt checkpoints (weights_only=True)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder (once the new one is complete)")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="merge checkpoints holding NaN/±Inf (and write non-finite output) instead of refusing")
     p.add_argument("--heads", choices=["drop", "per_task"], default="drop",
                    help="task-model folders (…ForSequenceClassification): leave their heads out (the output is the "
                         "merged base model), or also write tasks/<model>/, each model's head on the merged backbone")
@@ -104,11 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_convert)
 
     p = sub.add_parser("methods", help="list merge methods with their parameters and ranges")
-    p.add_argument("--width", type=int, default=160)
+    p.add_argument("--width", type=int, default=None, help="table width (default: the terminal's; 240 when piped)")
     p.set_defaults(fn=_cmd_methods)
 
-    p = sub.add_parser("demo", help="the main job on the embedded default")
+    p = sub.add_parser("demo", help="a quick offline demo: merge a generated GPT-2 zoo with several recipes")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--quick", action="store_true", help="a seconds-fast version (tests)")
     p.set_defaults(fn=_cmd_demo)
 
@@ -127,12 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Parse ``argv`` and run one command; every failure is one stderr line and an exit code (docs/errors.md)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    argv = [a for a in argv if a != "--debug"]
     try:
-        return int(args.fn(args) or 0)
-    except SearchmergeError as exc:
-        print(f"searchmerge: error: {exc}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors (already printed on one line)
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    return run_command(args.fn, args, debug=debug)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ def run_demo(out: Path, *, quick: bool = False) -> list[dict]:
     from searchmerge.merge import merge
     from searchmerge.synthetic import make_synthetic_zoo
 
-    console = Console()
+    from searchmerge.cli_errors import console_width
+
+    console = Console(width=console_width())
     n_params = 1_000_000 if quick else 10_000_000
     console.print(f"[bold]searchmerge demo[/]: generated GPT-2 zoo (~{n_params/1e6:.0f}M params, 3 fine-tunes)")
     base, fts = make_synthetic_zoo(out / "zoo", n_params=n_params, n_models=3)

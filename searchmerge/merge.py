@@ -9,13 +9,14 @@ the same tensors.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from searchmerge.errors import CheckpointError, RecipeError
+from searchmerge.errors import CheckpointError, NonFiniteError, RecipeError
 from searchmerge.io.checkpoint import open_checkpoint
 from searchmerge.io.task_models import HEAD_MODES, TaskModel, backbone_config, backbone_views, heads_message, write_task_folders
 from searchmerge.methods.registry import MethodSpec
@@ -169,12 +170,18 @@ def iter_merged(
     device: str = "cpu",
     out_dtype: str | None = None,
     progress: bool = False,
+    allow_non_finite: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, merged tensor)`` in checkpoint order; non-float tensors pass through from the base."""
+    """Yield ``(name, merged tensor)`` in checkpoint order; non-float tensors pass through from the base.
+
+    Each float tensor is checked for NaN/±Inf as it is read, and each merged tensor as it is made (unless
+    ``allow_non_finite``): a ``NonFiniteError`` names the model and the tensor, before anything is written.
+    """
     recipe = plan.recipe
     compute = DTYPES[recipe.dtype]
     out_name = out_dtype or recipe.out_dtype
     stats = _whole_model_stats(plan, device, compute)
+    base_name, model_names = _sources(plan)
     bar = _progress(progress, len(plan.keys), f"merging ({recipe.method})")
     try:
         for k in plan.keys:
@@ -182,19 +189,55 @@ def iter_merged(
             if not _is_float(ref_t.dtype):
                 yield k, ref_t
             else:
-                base_t = plan.base.get(k, device) if plan.base is not None else None
+                base_t = ref_t if plan.base is not None else None
                 tensors = [m.get(k, device) for m in plan.models]
+                if not allow_non_finite:
+                    if base_t is not None:
+                        check_finite(base_t, k, base_name)
+                    for t, name in zip(tensors, model_names):
+                        check_finite(t, k, name)
                 out = merge_tensor(
                     plan.spec, base_t, tensors, plan.params_for(k),
                     rng=tensor_rng(recipe.seed, k) if plan.spec.uses_rng else None,
                     stats=stats, compute_dtype=compute,
-                )
-                yield k, out.to(DTYPES[out_name] if out_name else ref_t.dtype)
+                ).to(DTYPES[out_name] if out_name else ref_t.dtype)
+                if not allow_non_finite:
+                    check_finite_output(out, k)
+                yield k, out
             if bar is not None:
                 bar[0].advance(bar[1])
     finally:
         if bar is not None:
             bar[0].stop()
+
+
+_ALLOW_HINT = "or pass --allow-non-finite (Python: allow_non_finite=True) to merge it anyway"
+
+
+def check_finite(t: torch.Tensor, tensor: str, source: str) -> None:
+    """Refuse a float tensor holding NaN or ±Inf (one fused reduction over a tensor already in memory)."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = ~torch.isfinite(t)
+        n_nan = int(torch.isnan(t).sum())
+        raise NonFiniteError(
+            f"tensor {tensor} of {source} holds non-finite values ({n_nan} NaN, {int(bad.sum()) - n_nan} ±Inf) — "
+            f"repair or re-export that checkpoint, {_ALLOW_HINT}"
+        )
+
+
+def check_finite_output(t: torch.Tensor, tensor: str) -> None:
+    """Refuse a merged tensor that came out NaN/±Inf from finite inputs (e.g. an overflow in float16)."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(
+            f"merged tensor {tensor} is not finite in {str(t.dtype).removeprefix('torch.')} although every input "
+            "is — merge or write in a wider dtype (recipe `dtype` / --dtype float32), lower the weights or λ, "
+            f"{_ALLOW_HINT}"
+        )
+
+
+def _sources(plan: "MergePlan") -> tuple[str, list[str]]:
+    recipe = plan.recipe
+    return f"the base model ({recipe.base_model})", [f"models[{i}] ({m.model})" for i, m in enumerate(recipe.models)]
 
 
 def _progress(enabled: bool, total: int, label: str):  # noqa: ANN202
@@ -208,6 +251,17 @@ def _progress(enabled: bool, total: int, label: str):  # noqa: ANN202
     return prog, task
 
 
+def output_bytes(plan: MergePlan, out_dtype: str | None = None) -> int:
+    """Bytes the merged weights take on disk (from the checkpoints' headers: nothing is read)."""
+    name = out_dtype or plan.recipe.out_dtype
+    total = 0
+    for k in plan.keys:
+        dtype = plan.reference.dtype(k)
+        size = DTYPES[name].itemsize if name and dtype.is_floating_point else dtype.itemsize
+        total += int(torch.Size(plan.reference.shape(k)).numel()) * size
+    return total
+
+
 def merge(
     recipe: Recipe | str | Path,
     *,
@@ -219,14 +273,19 @@ def merge(
     allow_pickle: bool = False,
     overwrite: bool = False,
     progress: bool = False,
+    allow_non_finite: bool = False,
     heads: str = "drop",
 ) -> dict[str, torch.Tensor] | Path:
     """Merge per ``recipe`` (a :class:`Recipe` or a YAML path, ours or MergeKit's).
 
     Returns the merged state dict, or, with ``out``, writes an HF folder atomically and returns its path.
-    Task-model folders (``…ForSequenceClassification``) merge their backbones; ``heads="per_task"`` also
-    writes ``tasks/<model>/``, each model's head on the merged backbone (see :mod:`searchmerge.io.task_models`).
+    The output location (exists, writable, free space) is checked before any tensor is merged; NaN/±Inf in
+    an input or the output is refused unless ``allow_non_finite``. Task-model folders
+    (``…ForSequenceClassification``) merge their backbones; ``heads="per_task"`` also writes ``tasks/<model>/``,
+    each model's head on the merged backbone (see :mod:`searchmerge.io.task_models`).
     """
+    from searchmerge.io.outdir import check_output_dir
+
     if heads not in HEAD_MODES:
         raise RecipeError(f"heads must be one of {list(HEAD_MODES)}, got {heads!r}.")
     if not isinstance(recipe, Recipe):
@@ -235,15 +294,16 @@ def merge(
         raise RecipeError(f"out_dtype must be one of {sorted(DTYPES)}, got {out_dtype!r}.")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RecipeError(f"device {device!r} requested but CUDA is not available here.")
-    if out is not None and Path(out).exists() and not overwrite:
-        raise CheckpointError(f"output {out} already exists; pass overwrite=True (CLI: --force) to replace it.")
+    if out is not None:
+        check_output_dir(out, force=overwrite)
     plan = plan_merge(recipe, base=base, models=models, allow_pickle=allow_pickle)
-    merged = {k: v.cpu() if out is not None else v for k, v in iter_merged(plan, device=device, out_dtype=out_dtype, progress=progress)}
+    if out is not None:
+        check_output_dir(out, force=overwrite, needed_bytes=output_bytes(plan, out_dtype))
+    merged = {k: v.cpu() if out is not None else v for k, v in iter_merged(
+        plan, device=device, out_dtype=out_dtype, progress=progress, allow_non_finite=allow_non_finite)}
     if out is None:
         return merged
     from searchmerge.io.writer import write_safetensors_folder
-
-    import json
 
     folder = plan.reference.folder
     extra = {"searchmerge_recipe.yaml": recipe.to_yaml()}

@@ -16,6 +16,9 @@ from typing import Any
 import yaml
 
 from searchmerge.errors import RecipeError
+from searchmerge.io.yaml_safe import KEY, load_yaml
+from pydantic import ValidationError
+
 from searchmerge.recipe import Conditional, Recipe, recipe_from_dict
 
 #: MergeKit method names searchmerge implements with the same semantics.
@@ -32,6 +35,10 @@ _REQUIRES_WEIGHT = {m: True for m in (
     "della", "della_linear", "nuslerp")}
 _IGNORED_KEYS = ("tokenizer_source", "tokenizer", "chat_template", "name")
 _DROPPED_PARAMS = ("int8_mask",)  # a memory option in MergeKit; no effect on the result
+#: GTA methods whose MergeKit boolean `rescale` (L1-norm matching after sparsifying) is our `rescale: l1|none`.
+_RESCALED = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
+#: Our parameters that the MergeKit method lacks (MergeKit would ignore them): exported only at their default.
+_OURS_ONLY = {"sce": {"lambda": 1.0}}
 
 
 def _model_path(entry: Any, where: str) -> str:
@@ -42,13 +49,31 @@ def _model_path(entry: Any, where: str) -> str:
     raise RecipeError(f"{where}: cannot read a model reference from {entry!r} (expected a path string).")
 
 
-def _plain_value(value: Any) -> Any:
+def _plain_value(value: Any, loc: tuple[Any, ...]) -> Any:
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        return [Conditional(filter=v.get("filter"), value=v["value"]).model_dump() for v in value]
+        try:
+            return [Conditional(**v).model_dump() for v in value]
+        except (ValidationError, TypeError):
+            raise RecipeError(f"{'.'.join(map(str, loc))}: a conditional is `{{filter: <substring>, value: <number>}}`, "
+                              f"got {value!r} — fix the list entries", loc=loc) from None
     return value
 
 
-def _convert_params(method: str, params: dict[str, Any], where: str) -> dict[str, Any]:
+def _mapping(value: Any, where: str, loc: tuple[Any, ...]) -> dict[str, Any]:
+    """``value`` (``None`` → ``{}``) if it is a mapping with string keys; a RecipeError naming ``where`` otherwise."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise RecipeError(f"{where}: expected a mapping of `name: value`, got {value!r} — write `key: value` lines",
+                          loc=loc)
+    return value
+
+
+_KNOWN_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "slices", "modules",
+               *_IGNORED_KEYS)
+
+
+def _convert_params(method: str, params: dict[str, Any], where: str, loc: tuple[Any, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in (params or {}).items():
         if key in _DROPPED_PARAMS:
@@ -57,48 +82,73 @@ def _convert_params(method: str, params: dict[str, Any], where: str) -> dict[str
             if not isinstance(value, bool):
                 raise RecipeError(f"{where}: `normalize` must be true or false, got {value!r}.")
             out["merge_func"] = "mean" if value else "sum"
-        elif key == "rescale" and method in ("dare_ties", "dare_linear", "della", "della_linear"):
+        elif key == "rescale" and method in _RESCALED:
             if not isinstance(value, bool):
-                raise RecipeError(f"{where}: `rescale` must be true or false, got {value!r}.")
+                raise RecipeError(f"{where}: `rescale` must be true or false, got {value!r} — MergeKit's rescale is "
+                                  "a boolean", loc=(*loc, key))
             out["rescale"] = "l1" if value else "none"
+        elif key in ("rescale", "density") and method == "task_arithmetic":
+            continue  # MergeKit reads both only to sparsify; its task_arithmetic never sparsifies: no effect
         elif key == "rescale":
             if value is not False:
-                raise RecipeError(f"{where}: `rescale: {value}` is not supported by `{method}` in searchmerge.")
+                raise RecipeError(f"{where}: `rescale: {value}` is not supported by `{method}` in searchmerge — "
+                                  "remove it", loc=(*loc, key))
+        elif key in _OURS_ONLY.get(method, {}) and value != _OURS_ONLY[method][key]:
+            raise RecipeError(f"{where}: MergeKit's `{method}` has no `{key}` (MergeKit ignores it) — remove it",
+                              loc=(*loc, key))
         else:
-            out[key] = _plain_value(value)
+            out[key] = _plain_value(value, (*loc, key))
     return out
 
 
 def from_mergekit(config: dict[str, Any] | str) -> Recipe:
     """A :class:`Recipe` from a MergeKit config (a dict, or YAML text)."""
     if isinstance(config, str):
-        config = yaml.safe_load(config)
+        config, _ = load_yaml(config, name="<mergekit config>", error=RecipeError)
     if not isinstance(config, dict) or "merge_method" not in config:
-        raise RecipeError("a MergeKit config is a mapping with `merge_method`.")
+        raise RecipeError("a MergeKit config is a mapping with `merge_method` — add `merge_method: <name>`")
     method = config["merge_method"]
     if method not in SHARED_METHODS:
+        from searchmerge.suggest import did_you_mean
+
+        hint = did_you_mean(str(method), SHARED_METHODS)
         raise RecipeError(
-            f"MergeKit method `{method}` is not implemented by searchmerge; supported: {list(SHARED_METHODS)}."
+            f"MergeKit method `{method}` is not implemented by searchmerge — {hint + ' ' if hint else ''}"
+            f"supported: {', '.join(SHARED_METHODS)}", loc=("merge_method",)
         )
     if "slices" in config or "modules" in config:
-        raise RecipeError("MergeKit `slices`/`modules` (layer-range frankenmerges) are not supported; use `models`.")
+        raise RecipeError("MergeKit `slices`/`modules` (layer-range frankenmerges) are not supported — use `models`",
+                          loc=("slices" if "slices" in config else "modules",))
+    for key in config:
+        if key not in _KNOWN_KEYS:
+            from searchmerge.suggest import did_you_mean
+
+            hint = did_you_mean(str(key), _KNOWN_KEYS)
+            raise RecipeError(f"unknown MergeKit key `{key}` — {hint + ' ' if hint else ''}valid keys: "
+                              f"{', '.join(_KNOWN_KEYS)}", loc=(key, KEY))
     for key in _IGNORED_KEYS:
         if key in config:
             warnings.warn(f"MergeKit `{key}` is ignored: searchmerge copies config and tokenizer from the base.",
                           stacklevel=2)
     base = _model_path(config["base_model"], "base_model") if config.get("base_model") else None
-    models = []
-    for i, entry in enumerate(config.get("models") or []):
+    entries = config.get("models") or []
+    if not isinstance(entries, list):
+        raise RecipeError(f"models: expected a list of `- model: <path>` entries, got {entries!r}", loc=("models",))
+    models, index = [], []
+    for i, entry in enumerate(entries):
         path = _model_path(entry, f"models[{i}]")
-        params = entry.get("parameters", {}) if isinstance(entry, dict) else {}
+        params = _mapping(entry.get("parameters") if isinstance(entry, dict) else None, f"models[{i}].parameters",
+                          ("models", i, "parameters"))
         if path == base and method not in ("linear",):
             continue  # MergeKit lists the base among the inputs; it is the anchor, not a task model
-        models.append({"model": path, "parameters": _convert_params(method, params, f"models[{i}]")})
+        models.append({"model": path, "parameters": _convert_params(method, params, f"models[{i}]", ("models", i, "parameters"))})
+        index.append(i)
     data: dict[str, Any] = {
         "method": method,
         "base_model": base,
         "models": models,
-        "parameters": _convert_params(method, config.get("parameters") or {}, "parameters"),
+        "parameters": _convert_params(method, _mapping(config.get("parameters"), "parameters", ("parameters",)),
+                                      "parameters", ("parameters",)),
     }
     if method == "linear":
         data["base_model"] = None  # MergeKit's linear averages exactly the listed models
@@ -106,7 +156,13 @@ def from_mergekit(config: dict[str, Any] | str) -> Recipe:
         data["dtype"] = config["dtype"]
     if config.get("out_dtype"):
         data["out_dtype"] = config["out_dtype"]
-    return recipe_from_dict(data)
+    try:
+        return recipe_from_dict(data)
+    except RecipeError as exc:  # our models[j] is the config's models[index[j]] (the base entry is skipped)
+        loc = exc.loc or ()
+        if len(loc) > 1 and loc[0] == "models" and isinstance(loc[1], int) and loc[1] < len(index):
+            loc = ("models", index[loc[1]], *loc[2:])
+        raise RecipeError(str(exc), loc=loc) from None
 
 
 def _export_params(method: str, params: dict[str, Any], where: str) -> dict[str, Any]:
@@ -126,6 +182,9 @@ def _export_params(method: str, params: dict[str, Any], where: str) -> dict[str,
         elif key == "trim_density":
             if value != 1 and value != 1.0:
                 raise RecipeError(f"{where}: `trim_density` (TIES trim after DARE) has no MergeKit equivalent.")
+        elif key in _OURS_ONLY.get(method, {}) and value != _OURS_ONLY[method][key]:
+            raise RecipeError(f"{where}: MergeKit's `{method}` has no `{key}`; only {_OURS_ONLY[method][key]} "
+                              "(no effect) can be exported.")
         else:
             out[key] = value
     return out

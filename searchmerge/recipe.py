@@ -18,7 +18,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from searchmerge.errors import RecipeError
+from searchmerge.io.yaml_safe import KEY, Positions, load_yaml, position_of, read_yaml_mapping
 from searchmerge.methods.registry import MethodSpec, Param, get_method
+from searchmerge.suggest import did_you_mean
 
 Scalar = Union[bool, int, float, str]
 DType = Literal["float32", "float16", "bfloat16", "float64"]
@@ -57,7 +59,7 @@ class Recipe(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise RecipeError(_format_validation_error(exc)) from None
+            raise _recipe_error(exc) from None
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
@@ -79,44 +81,74 @@ class Recipe(BaseModel):
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
     @classmethod
-    def from_yaml(cls, text: str) -> "Recipe":
-        data = yaml.safe_load(text)
+    def from_yaml(cls, text: str | bytes, name: str = "<recipe>") -> "Recipe":
+        data, positions = load_yaml(text, name=name, error=RecipeError)
         if not isinstance(data, dict):
-            raise RecipeError("a recipe must be a YAML mapping with `method` and `models`.")
-        return recipe_from_dict(data)
+            raise RecipeError(f"{name}: a recipe must be a YAML mapping with `method` and `models` — "
+                              "write `method: …` and `models: […]` lines")
+        return _located(lambda: recipe_from_dict(data), positions, name)
 
     def with_parameters(self, **params: ParamValue) -> "Recipe":
         """A copy with global parameters replaced (how a search turns a trial's config into a recipe)."""
         return recipe_from_dict({**self.to_dict(), "parameters": {**self.parameters, **params}})
 
 
-def _format_validation_error(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
-    return "invalid recipe:\n" + "\n".join(lines)
+_FIELDS = {(): ("method", "base_model", "models", "parameters", "dtype", "out_dtype", "seed"),
+           ("models",): ("model", "parameters"), ("filter",): ("filter", "value")}
+
+
+def _one_error(err: Any) -> tuple[str, tuple[Any, ...]]:
+    """(message, loc) of one pydantic error; our own RecipeError inside keeps its text and loc."""
+    inner = (err.get("ctx") or {}).get("error")
+    if isinstance(inner, RecipeError):
+        return str(inner), tuple(inner.loc or ())
+    loc = tuple(err["loc"])
+    where = ".".join(str(p) for p in loc)
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden" and loc:
+        owner = () if len(loc) == 1 else ("models",) if loc[0] == "models" and len(loc) == 3 else ("filter",)
+        hint = did_you_mean(str(loc[-1]), _FIELDS.get(owner, ()))
+        msg = f"unknown key `{loc[-1]}` — {hint + ' ' if hint else ''}valid keys: {', '.join(_FIELDS.get(owner, ()))}"
+        loc = (*loc, KEY)
+    elif "input" in err and not isinstance(err["input"], (dict, list)):
+        msg = f"{msg} (got {err['input']!r})"
+    return (f"{where}: {msg}" if where else msg), tuple(loc)
+
+
+def _recipe_error(exc: ValidationError) -> RecipeError:
+    """All of a recipe's problems on one line; the first one's place (``loc``) for file:line:col."""
+    parts = [_one_error(e) for e in exc.errors()]
+    text = "; ".join(p[0] for p in parts)
+    return RecipeError(f"invalid recipe: {text}", loc=parts[0][1] if parts else None)
+
+
+def _located(build: Any, positions: Positions, name: str) -> Recipe:
+    """Run ``build``; a RecipeError gets the file:line:col of what it names (else the file) in front."""
+    try:
+        return build()
+    except RecipeError as exc:
+        where = position_of(positions, exc.loc or (), name)
+        raise RecipeError(f"{where}: {exc}", loc=exc.loc) from None
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     """Validate a plain dict; every problem comes back in one ``RecipeError``."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"a recipe must be a mapping with `method` and `models`, got {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise RecipeError(f"recipe keys must be strings, got {bad[0]!r} — write `key: value` lines")
     return Recipe(**data)
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Load our recipe YAML, or a MergeKit config (recognised by its ``merge_method`` key)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
-    data = yaml.safe_load(path.read_text())
-    if isinstance(data, dict) and "merge_method" in data:
+    data, positions = read_yaml_mapping(path, what="recipe", error=RecipeError, keys=("method", "models"))
+    if "merge_method" in data:
         from searchmerge.mergekit import from_mergekit
 
-        return from_mergekit(data)
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a YAML mapping with `method` and `models`.")
-    return recipe_from_dict(data)
+        return _located(lambda: from_mergekit(data), positions, str(path))
+    return _located(lambda: recipe_from_dict(data), positions, str(path))
 
 
 # --- validation -----------------------------------------------------------------------------------
@@ -146,25 +178,30 @@ def validate_recipe(recipe: Recipe) -> None:
     """Check everything that needs no file: method, parameter names, types, ranges, model counts, base."""
     spec = get_method(recipe.method)
     n = len(recipe.models)
+    loc: tuple[Any, ...] = ("models",)
     if n < spec.min_models:
-        raise RecipeError(f"method `{spec.name}` needs at least {spec.min_models} model(s) besides the base, got {n}.")
+        raise RecipeError(f"method `{spec.name}` needs at least {spec.min_models} model(s) besides the base, "
+                          f"got {n} — list them under `models`", loc=loc)
     if spec.max_models is not None and n > spec.max_models:
-        raise RecipeError(f"method `{spec.name}` takes at most {spec.max_models} model(s) besides the base, got {n}.")
+        raise RecipeError(f"method `{spec.name}` takes at most {spec.max_models} model(s) besides the base, "
+                          f"got {n} — remove the extra entries or pick another method", loc=loc)
     if spec.base == "required" and not recipe.base_model:
-        raise RecipeError(f"method `{spec.name}` needs a `base_model`.")
+        raise RecipeError(f"method `{spec.name}` needs a `base_model` — add `base_model: <path>`", loc=("method",))
     if spec.base == "none" and recipe.base_model:
-        raise RecipeError(f"method `{spec.name}` takes no `base_model`.")
+        raise RecipeError(f"method `{spec.name}` takes no `base_model` — remove it", loc=("base_model",))
     for name, value in recipe.parameters.items():
-        _check_value(spec.param(name), value, "parameters")
+        param = _checked(lambda: spec.param(name), ("parameters", name, KEY))
+        _checked(lambda: _check_value(param, value, "parameters"), ("parameters", name))
     for i, entry in enumerate(recipe.models):
         for name, value in entry.parameters.items():
-            param = spec.param(name)
+            loc = ("models", i, "parameters", name)
+            param = _checked(lambda: spec.param(name), (*loc, KEY))
             if not param.per_model:
                 raise RecipeError(
-                    f"models[{i}] ({entry.model}): `{name}` is a global parameter of `{spec.name}`; "
-                    "set it under the recipe's `parameters`."
+                    f"models[{i}] ({entry.model}): `{name}` is a global parameter of `{spec.name}` — "
+                    "set it under the recipe's `parameters`", loc=loc,
                 )
-            _check_value(param, value, f"models[{i}] ({entry.model})")
+            _checked(lambda: _check_value(param, value, f"models[{i}] ({entry.model})"), loc)
     if spec.prepare is not None and spec.needs_prepare(global_scalars(recipe)):
         for p in spec.params:
             if p.per_model:
@@ -175,6 +212,14 @@ def validate_recipe(recipe: Recipe) -> None:
                             f"models[{i}]: `{p.name}` must be a single value per model for a whole-model "
                             f"step (e.g. `trim_scope: model`), got {v!r}."
                         )
+
+
+def _checked(check: Any, loc: tuple[Any, ...]) -> Any:
+    """Run ``check``; a RecipeError it raises learns where in the recipe it happened."""
+    try:
+        return check()
+    except RecipeError as exc:
+        raise RecipeError(str(exc), loc=exc.loc or loc) from None
 
 
 def _raw_value(recipe: Recipe, param: Param, model_index: int | None) -> ParamValue:

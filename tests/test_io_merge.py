@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from searchmerge.cli import main
-from searchmerge.errors import CheckpointError
+from searchmerge.errors import CheckpointError, OutputError
 from searchmerge.io.checkpoint import CheckpointReader
 from searchmerge.io.writer import write_safetensors_folder
 from searchmerge.merge import merge
@@ -47,7 +47,7 @@ def test_existing_output_is_refused_then_replaced_atomically(gpt2_zoo, tmp_path)
     base, fts = gpt2_zoo
     out = tmp_path / "m"
     merge(_recipe(base, fts, "task_arithmetic"), out=out)
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists"):
         merge(_recipe(base, fts, "task_arithmetic"), out=out)
     merge(_recipe(base, fts, "task_arithmetic", **{"lambda": 0.5}), out=out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary folders left

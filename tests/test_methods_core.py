@@ -138,7 +138,7 @@ def test_dare_is_seeded_per_tensor():
 def test_breadcrumbs_drops_outliers_and_small():
     base = torch.zeros(10)
     delta = torch.arange(1.0, 11.0)  # magnitudes 1..10
-    out = run("breadcrumbs", base, [delta], density=[0.5], gamma=0.1)
+    out = run("breadcrumbs", base, [delta], density=[0.5], gamma=[0.1])
     # keep 5 of 10: drop the top 1 (10) and the bottom 4 (1..4)
     assert torch.equal(out != 0, (delta >= 5) & (delta <= 9))
 
@@ -147,9 +147,9 @@ def test_della_rejects_bad_epsilon_and_is_seeded():
     base = torch.zeros(4, 50)
     fts = [torch.randn(4, 50), torch.randn(4, 50)]
     with pytest.raises(ValueError, match="density"):
-        run("della", base, fts, density=[0.1, 0.1], epsilon=0.2)
-    a = run("della", base, fts, density=[0.5, 0.5], epsilon=0.1)
-    b = run("della", base, fts, density=[0.5, 0.5], epsilon=0.1)
+        run("della", base, fts, density=[0.1, 0.1], epsilon=[0.2, 0.2])
+    a = run("della", base, fts, density=[0.5, 0.5], epsilon=[0.1, 0.1])
+    b = run("della", base, fts, density=[0.5, 0.5], epsilon=[0.1, 0.1])
     assert torch.equal(a, b)
 
 

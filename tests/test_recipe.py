@@ -163,5 +163,5 @@ def test_load_recipe_detects_mergekit_and_missing_file(tmp_path):
 def test_yaml_cannot_instantiate_objects(tmp_path):
     f = tmp_path / "evil.yaml"
     f.write_text("method: !!python/object/apply:os.system ['echo hi']\nmodels: []\n")
-    with pytest.raises(yaml.YAMLError):
+    with pytest.raises(RecipeError, match=r"evil.yaml:1:9: YAML tag `!!python/object/apply:os.system` is not allowed"):
         load_recipe(f)

@@ -132,6 +132,8 @@ def parse_bench_spec(data: dict[str, Any], root: str | Path | None = None, where
     if not isinstance(data, dict) or "modelpool" not in data or "taskpool" not in data:
         raise BenchSpecError(f"bench spec {where}: a YAML mapping with `modelpool` and `taskpool` is required.")
     data = dict(data)
+    if not isinstance(data["modelpool"], dict) or not isinstance(data["taskpool"], dict):
+        raise BenchSpecError(f"bench spec {where}: `modelpool` and `taskpool` must be mappings.")
     if root is not None:
         data["modelpool"] = {**data["modelpool"], "root": str(root)}
         data["taskpool"] = {**data["taskpool"], "root": str(root)}
@@ -142,10 +144,11 @@ def parse_bench_spec(data: dict[str, Any], root: str | Path | None = None, where
 
 
 def read_bench_spec(path: str | Path) -> BenchSpec:
+    from searchmerge.io.yaml_safe import read_yaml_mapping
+
     path = Path(path)
-    if not path.is_file():
-        raise BenchSpecError(f"bench spec file not found: {path}")
-    return parse_bench_spec(yaml.safe_load(path.read_text()), root=path.parent.resolve(), where=str(path))
+    data, _ = read_yaml_mapping(path, what="bench spec", error=BenchSpecError, keys=("modelpool", "taskpool"))
+    return parse_bench_spec(data, root=path.parent.resolve(), where=str(path))
 
 
 # --- data -----------------------------------------------------------------------------------------

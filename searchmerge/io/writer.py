@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from searchmerge.errors import CheckpointError
+from searchmerge.io.outdir import chmod_umask, staged_dir
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".onnx")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -58,15 +58,11 @@ def write_safetensors_folder(
     overwrite: bool = False,
     before_publish: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write ``tensors`` as an HF folder (sharded with an index when large), atomically.
+    """Write ``tensors`` as an HF folder (sharded with an index when large), atomically, with the user's umask.
 
-    ``before_publish(tmp)`` may add more to the folder before it is renamed into place."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output {out} already exists; pass overwrite=True (CLI: --force) to replace it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    An existing ``out`` is refused (``OutputError``) unless ``overwrite``; then it is replaced only once the new
+    folder is complete. ``before_publish(tmp)`` may add more to the folder before it is renamed into place."""
+    with staged_dir(out, force=overwrite) as tmp:
         copy_model_files(config_from, tmp)
         contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         shards = _shards(contiguous, max_shard_bytes)
@@ -87,17 +83,7 @@ def write_safetensors_folder(
             (tmp / name).write_text(text)
         if before_publish is not None:
             before_publish(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -108,6 +94,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        chmod_umask(Path(tmp), 0o666)  # mkstemp makes 0o600 files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

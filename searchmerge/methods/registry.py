@@ -18,6 +18,7 @@ recipes are validated against them and searches read their space from them.
 from __future__ import annotations
 
 import inspect
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Literal, Sequence
@@ -25,6 +26,7 @@ from typing import Annotated, Any, Callable, Literal, Sequence
 import torch
 
 from searchmerge.errors import RecipeError
+from searchmerge.suggest import unknown
 
 __all__ = [
     "Range",
@@ -124,6 +126,9 @@ class Param:
         if self.kind in (float, int):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise RecipeError(f"{where}: `{self.name}` must be a number, got {value!r}.")
+            if not math.isfinite(value):
+                raise RecipeError(f"{where}: `{self.name}` must be a finite number, got {value!r} — "
+                                  "NaN and infinities make every merged weight NaN; give a number")
             if self.kind is int and float(value) != int(value):
                 raise RecipeError(f"{where}: `{self.name}` must be an integer, got {value!r}.")
             value = self.kind(value)
@@ -162,9 +167,8 @@ class MethodSpec:
         for p in self.params:
             if p.name == name:
                 return p
-        raise RecipeError(
-            f"method `{self.name}` has no parameter `{name}`; it takes {[p.name for p in self.params]}."
-        )
+        what, fix = unknown(f"parameter of `{self.name}`", name, [p.name for p in self.params])
+        raise RecipeError(f"method `{self.name}` has no parameter `{name}` — {fix}")
 
     def needs_prepare(self, scalars: dict[str, Any]) -> bool:
         """Whether this call needs a whole-model statistics pass (e.g. TIES with ``trim_scope: model``)."""
@@ -298,8 +302,16 @@ def get_method(name: str) -> MethodSpec:
 
     key = _ALIASES.get(name, name)
     if key not in METHODS:
-        raise RecipeError(f"unknown merge method `{name}`; registered methods: {sorted(METHODS)}.")
+        what, fix = unknown("merge method", name, [*METHODS, *_ALIASES])
+        raise RecipeError(f"{what} — {fix}; `searchmerge methods` lists them", loc=("method",))
     return METHODS[key]
+
+
+def method_names() -> list[str]:
+    """Every name a recipe may use: registered methods and their aliases."""
+    from searchmerge import methods as _  # noqa: F401
+
+    return sorted([*METHODS, *_ALIASES])
 
 
 def list_methods() -> list[MethodSpec]:

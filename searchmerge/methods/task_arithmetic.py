@@ -18,6 +18,7 @@ from typing import Annotated, Any, Iterable, Sequence
 
 import torch
 
+from searchmerge.errors import RecipeError
 from searchmerge.methods._types import Density, MergeFunc, Rescale, Scale, TrimScope, Weight
 from searchmerge.methods.registry import PerModel, Range, merge_method
 from searchmerge.methods.sparsify import sparsify
@@ -59,16 +60,20 @@ def generalized_task_arithmetic(
     merge_func: str,
     rescale: str = "none",
     rng: torch.Generator | None = None,
-    gamma: float = 0.01,
-    epsilon: float = 0.15,
+    gamma: Sequence[float] | None = None,
+    epsilon: Sequence[float] | None = None,
     trim_thresholds: Sequence[float] | None = None,
 ) -> Tensor:
-    """Merged delta of the GTA family; ``trim_thresholds`` (per model) replaces per-tensor magnitude trimming."""
+    """Merged delta of the GTA family; ``trim_thresholds`` (per model) replaces per-tensor magnitude trimming.
+
+    ``gamma`` / ``epsilon`` are per model, as MergeKit declares them (``NON_BASE``); ``None``: the defaults.
+    """
     sparse = []
     for i, delta in enumerate(deltas):
         if sparsification is not None:
             delta = sparsify(
-                delta, method=sparsification, density=density[i], rescale=rescale, rng=rng, gamma=gamma, epsilon=epsilon
+                delta, method=sparsification, density=density[i], rescale=rescale, rng=rng,
+                gamma=0.01 if gamma is None else gamma[i], epsilon=0.15 if epsilon is None else epsilon[i],
             )
         if trim_thresholds is not None:
             delta = delta * (delta.abs() >= trim_thresholds[i])
@@ -140,7 +145,10 @@ _prepare_ties.needed = _trim_needed  # type: ignore[attr-defined]
 _prepare_dare_ties.needed = _trim_needed  # type: ignore[attr-defined]
 
 
-def _thresholds(stats: Any, trim_scope: str) -> list[float] | None:
+def _thresholds(stats: Any, trim_scope: str, rescale: str = "none") -> list[float] | None:
+    if trim_scope == "model" and rescale != "none":
+        raise RecipeError(f"ties: `rescale: {rescale}` applies to per-tensor trimming; with `trim_scope: model` "
+                         "use `rescale: none`")
     if trim_scope != "model":
         return None
     if not stats or "thresholds" not in stats:
@@ -184,14 +192,17 @@ def ties(
     lambda_: Scale = 1.0,
     merge_func: MergeFunc = "mean",
     trim_scope: TrimScope = "tensor",
+    rescale: Rescale = "none",
     stats: Any = None,
 ) -> Tensor:
-    """Trim each τ to its top ``density`` by magnitude, elect signs by mass, merge disjointly, scale by λ."""
-    thresholds = _thresholds(stats, trim_scope)
+    """Trim each τ to its top ``density`` by magnitude, elect signs by mass, merge disjointly, scale by λ.
+
+    ``rescale: l1`` is MergeKit's ``rescale: true`` (the kept entries keep the τ's L1 norm)."""
+    thresholds = _thresholds(stats, trim_scope, rescale)
     return generalized_task_arithmetic(
         deltas, weight=weight, density=density if thresholds is None else [1.0] * len(deltas), lambda_=lambda_,
         sparsification="magnitude" if thresholds is None else None, consensus="sum", merge_func=merge_func,
-        trim_thresholds=thresholds,
+        rescale=rescale, trim_thresholds=thresholds,
     )
 
 
@@ -247,31 +258,33 @@ def dare_linear(
     )
 
 
-Gamma = Annotated[float, Range(0.0, 1.0, search=(0.0, 0.1))]
-Epsilon = Annotated[float, Range(0.0, 0.5, search=(0.0, 0.3))]
+#: Breadcrumbs' top fraction dropped as outliers; per model, as MergeKit (``ParameterScope.NON_BASE``).
+Gamma = PerModel[Annotated[float, Range(0.0, 1.0, search=(0.0, 0.1))]]
+#: DELLA's keep-probability spread around ``density``; per model, as MergeKit (``ParameterScope.NON_BASE``).
+Epsilon = PerModel[Annotated[float, Range(0.0, 0.5, search=(0.0, 0.3))]]
 
 
 @merge_method("breadcrumbs", inputs="deltas", reference="https://arxiv.org/abs/2312.06795")
 def breadcrumbs(
     base: Tensor, deltas: list[Tensor], *, weight: Weight = 1.0, density: Density = 1.0, gamma: Gamma = 0.01,
-    lambda_: Scale = 1.0, normalize: bool = False,
+    lambda_: Scale = 1.0, normalize: bool = False, rescale: Rescale = "none",
 ) -> Tensor:
     """Model Breadcrumbs: drop the largest ``gamma`` and the smallest entries of each τ, weighted sum."""
     return generalized_task_arithmetic(
         deltas, weight=weight, density=density, lambda_=lambda_, sparsification="magnitude_outliers",
-        consensus=None, merge_func="mean" if normalize else "sum", gamma=gamma,
+        consensus=None, merge_func="mean" if normalize else "sum", rescale=rescale, gamma=gamma,
     )
 
 
 @merge_method("breadcrumbs_ties", inputs="deltas", reference="https://arxiv.org/abs/2312.06795")
 def breadcrumbs_ties(
     base: Tensor, deltas: list[Tensor], *, weight: Weight = 1.0, density: Density = 1.0, gamma: Gamma = 0.01,
-    lambda_: Scale = 1.0, merge_func: MergeFunc = "sum",
+    lambda_: Scale = 1.0, merge_func: MergeFunc = "sum", rescale: Rescale = "none",
 ) -> Tensor:
     """Breadcrumbs sparsification followed by TIES sign election and disjoint merge."""
     return generalized_task_arithmetic(
         deltas, weight=weight, density=density, lambda_=lambda_, sparsification="magnitude_outliers",
-        consensus="sum", merge_func=merge_func, gamma=gamma,
+        consensus="sum", merge_func=merge_func, rescale=rescale, gamma=gamma,
     )
 
 
@@ -303,10 +316,11 @@ def della_linear(
     )
 
 
-def _check_della(density: Sequence[float], epsilon: float) -> None:
-    for d in density:
-        if d < 1 and not (0 < d - epsilon and d + epsilon < 1):
-            raise ValueError(f"DELLA needs 0 < density ± epsilon < 1, got density={d}, epsilon={epsilon}.")
+def _check_della(density: Sequence[float], epsilon: Sequence[float]) -> None:
+    for i, (d, e) in enumerate(zip(density, epsilon)):
+        if d < 1 and not (0 < d - e and d + e < 1):
+            raise ValueError(f"DELLA needs 0 < density ± epsilon < 1, got density={d}, epsilon={e} for model {i} — "
+                             "lower epsilon or move density away from 0 and 1")
 
 
 @merge_method("sce", inputs="deltas", min_models=1, reference="https://arxiv.org/abs/2408.07990")

@@ -41,13 +41,23 @@ def _check_out(out: Path, resume: bool, force: bool) -> None:
 
 def search(spec: SearchSpec | str | Path, out: str | Path = "runs/search", *, resume: bool = False,
            force: bool = False, progress: bool = True) -> SearchResult:
-    """Run the search ``spec`` into the run folder ``out`` (``resume`` continues an interrupted one)."""
-    import shutil
+    """Run the search ``spec`` into the run folder ``out`` (``resume`` continues an interrupted one).
+
+    ``force`` replaces a non-empty ``out``: the old folder is moved aside and deleted only once the new
+    search has finished (an interrupted new one stays in ``out``, resumable, and the old one is kept)."""
+    from searchmerge.io.outdir import fresh_dir
 
     if not isinstance(spec, SearchSpec):
         spec = read_search_spec(spec)
     out = Path(out)
     _check_out(out, resume, force)
+    if force and not resume and out.exists() and any(out.iterdir()):
+        with fresh_dir(out, force=True, on_failure="keep"):
+            return _search(spec, out, resume=False, progress=progress)
+    return _search(spec, out, resume=resume, progress=progress)
+
+
+def _search(spec: SearchSpec, out: Path, *, resume: bool, progress: bool) -> SearchResult:
     from searchmerge.bench import load_bench
     from searchmerge.bench.zoo import ZOO_NAMES, build_zoo
 
@@ -55,8 +65,6 @@ def search(spec: SearchSpec | str | Path, out: str | Path = "runs/search", *, re
     bench = load_bench(build_zoo(bench_path, progress=progress) if bench_path in ZOO_NAMES else bench_path)
     tasks = bench.taskpool.names
     space = build_space(spec, tasks)  # the real task names: per-model dimensions
-    if force and out.exists() and not resume:
-        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.yaml").write_text(spec.to_yaml())
 

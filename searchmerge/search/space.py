@@ -213,7 +213,11 @@ def build_space(spec: SearchSpec, models: Sequence[str] | None = None) -> Space:
         declared = {p.name: p for p in m.params}
         unknown = [k for k in settings if k not in declared]
         if unknown:
-            raise SearchSpecError(f"methods.{method}: no parameter(s) {unknown}; {m.name} declares {sorted(declared)}")
+            from searchmerge.suggest import did_you_mean
+
+            hint = did_you_mean(unknown[0], declared)
+            raise SearchSpecError(f"methods.{method}: no parameter(s) {unknown} — {hint + ' ' if hint else ''}"
+                                  f"{m.name} declares {sorted(declared)}")
         if m.max_models is not None and len(models) > m.max_models:
             raise SearchSpecError(f"methods.{method}: merges at most {m.max_models} models, the bench has {len(models)}")
         for name, setting in settings.items():

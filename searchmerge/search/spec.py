@@ -27,6 +27,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from searchmerge.errors import SearchmergeError
+from searchmerge.io.yaml_safe import KEY, Positions, position_of, read_yaml_mapping
+from searchmerge.suggest import did_you_mean
 
 SEARCHERS = (
     "optuna_tpe", "optuna_cmaes", "optuna_gp", "optuna_nsga2", "optuna_random",
@@ -113,7 +115,8 @@ class SearchSpec(BaseModel):
         if not self.methods:
             raise ValueError("methods must list at least one merge method")
         if self.searcher not in SEARCHERS:
-            raise ValueError(f"searcher {self.searcher!r} is not one of {list(SEARCHERS)}")
+            hint = did_you_mean(self.searcher, SEARCHERS)
+            raise ValueError(f"searcher {self.searcher!r} is not one of {list(SEARCHERS)}{' — ' + hint if hint else ''}")
         if len(self.objectives) > 1 and self.searcher not in MULTI_OBJECTIVE_SEARCHERS:
             raise ValueError(
                 f"searcher {self.searcher!r} is single-objective; with {len(self.objectives)} objectives use one of "
@@ -143,24 +146,45 @@ class SearchSpec(BaseModel):
         return str(p)
 
 
-def _format(exc: ValidationError, where: str) -> str:
+_NESTED = {"budget": Budget, "scheduler": Scheduler, "objectives": Objective}
+
+
+def _extra_hint(loc: tuple[Any, ...]) -> str:
+    """" — did you mean `x`?" for an unknown spec field (top level, budget, scheduler, objectives[i])."""
+    model = _NESTED.get(str(loc[0])) if len(loc) > 1 else SearchSpec
+    fields = [f for f in (model.model_fields if model else {}) if f != "root"]
+    hint = did_you_mean(str(loc[-1]), fields)
+    return f" — {hint + ' ' if hint else ''}valid fields: {', '.join(fields)}" if fields else ""
+
+
+def _format(exc: ValidationError, where: str, positions: Positions | None = None) -> str:
     parts = []
-    for e in exc.errors():
+    errors = exc.errors()
+    if positions and errors:
+        first = tuple(errors[0]["loc"]) + ((KEY,) if errors[0]["type"] == "extra_forbidden" else ())
+        where = f"{position_of(positions, first, where.rstrip(': '))}: "
+    for e in errors:
         loc = ".".join(str(x) for x in e["loc"]) or "spec"
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden" and e["loc"]:
+            parts.append(f"{loc}: unknown field{_extra_hint(tuple(e['loc']))}")
+            continue
         value = e.get("input")
         shown = f" (got {value!r})" if loc != "spec" and not isinstance(value, dict) else ""
         parts.append(f"{loc}: {msg}{shown}")
     return f"{where}{'; '.join(parts)}"
 
 
-def parse_search_spec(data: Any, root: str | Path | None = None, where: str = "") -> SearchSpec:
+def parse_search_spec(data: Any, root: str | Path | None = None, where: str = "",
+                      positions: Positions | None = None) -> SearchSpec:
     if not isinstance(data, dict):
         raise SearchSpecError(f"{where}a search spec must be a YAML mapping, got {type(data).__name__}")
+    if not all(isinstance(k, str) for k in data):
+        raise SearchSpecError(f"{where}search spec keys must be strings — write `field: value` lines")
     try:
         spec = SearchSpec(**{**data, "root": str(root) if root is not None else None})
     except ValidationError as exc:
-        raise SearchSpecError(_format(exc, where)) from None
+        raise SearchSpecError(_format(exc, where, positions)) from None
     from searchmerge.search.space import build_space  # every method / parameter checked against the registry
 
     build_space(spec)
@@ -169,12 +193,5 @@ def parse_search_spec(data: Any, root: str | Path | None = None, where: str = ""
 
 def read_search_spec(path: str | Path) -> SearchSpec:
     path = Path(path)
-    if not path.is_file():
-        raise SearchSpecError(f"search spec {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        pos = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        raise SearchSpecError(f"{path}{pos}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    return parse_search_spec(data, root=path.resolve().parent, where=f"{path}: ")
+    data, positions = read_yaml_mapping(path, what="search spec", error=SearchSpecError, keys=("bench", "methods"))
+    return parse_search_spec(data, root=path.resolve().parent, where=f"{path}: ", positions=positions)

@@ -35,8 +35,8 @@ class Stage:
     sparsification: str | None = None
     density: tuple[float, ...] = ()
     rescale: str = "none"
-    gamma: float = 0.01
-    epsilon: float = 0.15
+    gamma: tuple[float, ...] | None = None  # per model (breadcrumbs); None: the default 0.01
+    epsilon: tuple[float, ...] | None = None  # per model (DELLA); None: the default 0.15
     seed: int | None = None  # only for random sparsifiers (rng = tensor_rng(seed, name))
     post_density: tuple[float, ...] | None = None  # dare_ties per-tensor TIES trim after the drop
     thresholds: tuple[float, ...] | None = None  # whole-model TIES trim (trim_scope: model)
@@ -82,9 +82,9 @@ def split_gta(spec: MethodSpec, params: dict[str, Any], stats: Any, seed: int) -
         return Stage(), Combine(weight, lam, None, _merge_func(params))
     density = tuple(float(d) for d in params.get("density", ones))
     if fn is ta.ties:
-        thr = ta._thresholds(stats, params["trim_scope"])
+        thr = ta._thresholds(stats, params["trim_scope"], params["rescale"])
         if thr is None:
-            stage = Stage("magnitude", density)
+            stage = Stage("magnitude", density, params["rescale"])
         else:
             stage = Stage(thresholds=tuple(thr))
         return stage, Combine(weight, lam, "sum", params["merge_func"])
@@ -98,13 +98,14 @@ def split_gta(spec: MethodSpec, params: dict[str, Any], stats: Any, seed: int) -
     if fn is ta.dare_linear:
         return Stage("random", density, params["rescale"], seed=seed), Combine(weight, lam, None, _merge_func(params))
     if fn is ta.breadcrumbs or fn is ta.breadcrumbs_ties:
-        stage = Stage("magnitude_outliers", density, gamma=float(params["gamma"]))
+        stage = Stage("magnitude_outliers", density, params["rescale"], gamma=tuple(float(g) for g in params["gamma"]))
         if fn is ta.breadcrumbs:
             return stage, Combine(weight, lam, None, _merge_func(params))
         return stage, Combine(weight, lam, "sum", params["merge_func"])
     if fn is ta.della or fn is ta.della_linear:
-        ta._check_della(list(density), float(params["epsilon"]))
-        stage = Stage("della_magprune", density, params["rescale"], epsilon=float(params["epsilon"]), seed=seed)
+        eps = tuple(float(e) for e in params["epsilon"])
+        ta._check_della(list(density), list(eps))
+        stage = Stage("della_magprune", density, params["rescale"], epsilon=eps, seed=seed)
         if fn is ta.della_linear:
             return stage, Combine(weight, lam, None, _merge_func(params))
         return stage, Combine(weight, lam, "sum", params["merge_func"])
@@ -137,7 +138,8 @@ def apply_stage_parts(
     if stage.sparsification is not None:
         out = [
             sparsify(d, method=stage.sparsification, density=stage.density[i], rescale=stage.rescale, rng=rng,
-                     gamma=stage.gamma, epsilon=stage.epsilon)
+                     gamma=0.01 if stage.gamma is None else stage.gamma[i],
+                     epsilon=0.15 if stage.epsilon is None else stage.epsilon[i])
             for i, d in enumerate(out)
         ]
     first = list(out)

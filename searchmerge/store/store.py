@@ -77,6 +77,7 @@ class TaskVectorStore:
         max_restarts: int = 4,
         timeout_s: float = 600.0,
         allow_pickle: bool = False,
+        allow_non_finite: bool = False,
     ) -> "TaskVectorStore":
         """Read ``base`` and ``models`` once (paths or state dicts), keep θ₀ and τ_i = θ_i − θ₀ on ``num_actors`` actors.
 
@@ -87,6 +88,8 @@ class TaskVectorStore:
         busy 2-core machine two OpenMP threads stall at every barrier (measured 10-100x slower per chunk).
         ``chunk_elems``: the elementwise combine runs in cache-sized chunks (16K entries: below torch's
         parallel grain, resident in L2), so its many small passes cost about one pass over memory.
+        ``allow_non_finite``: keep checkpoints holding NaN/±Inf (refused by default, checked once as the actors
+        read them: a ``NonFiniteError`` names the model and the tensor).
         """
         import ray
 
@@ -152,11 +155,16 @@ class TaskVectorStore:
                 remote.remote(
                     self._sources[0], self._sources[1:], shard, self.n_layers, residency_dtype, device, threads,
                     int(cache_fraction * shard_bytes), chunk_elems, allow_pickle,
+                    ["the base model", *[f"models[{i}] ({n})" for i, n in enumerate(self.names)]], allow_non_finite,
                 )
             )
         self._closed = False
         self.resident_bytes_expected = total_bytes
-        self._get([a.ready.remote() for a in self._actors])
+        try:
+            self._get([a.ready.remote() for a in self._actors])
+        except BaseException:
+            self.close()
+            raise
         self._thresholds: dict[Any, list[float]] = {}
         self._stats_cache: dict[Any, Any] = {}
         self._hist1: dict[Any, np.ndarray] = {}

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from searchmerge.io.checkpoint import StateDictReader, open_checkpoint
+from searchmerge.errors import NonFiniteError
 from searchmerge.io.task_models import backbone_views
-from searchmerge.merge import DTYPES, merge_tensor, tensor_rng
+from searchmerge.merge import DTYPES, check_finite, merge_tensor, tensor_rng
 from searchmerge.recipe import Recipe, global_scalars, layer_fraction, resolve_params
 from searchmerge.store import kernels
 from searchmerge.store.stages import (
@@ -132,6 +133,8 @@ class ShardWorker:
         cache_bytes: int = 0,
         chunk_elems: int = 1 << 14,
         allow_pickle: bool = False,
+        labels: Sequence[str] | None = None,
+        allow_non_finite: bool = False,
     ) -> None:
         import ray
 
@@ -148,12 +151,22 @@ class ShardWorker:
         self.chunk = max(8, int(chunk_elems) // 8 * 8)
         self.base: dict[str, torch.Tensor] = {}
         self.taus: dict[str, list[torch.Tensor]] = {}
+        labels = list(labels) if labels is not None else ["the base model", *[f"models[{i}]" for i in range(len(models))]]
+        self.problem: NonFiniteError | None = None  # raised by ready(): a failed __init__ would restart forever
         with torch.no_grad():
             for k in self.names:
                 b = base.get(k, self.device).clone()  # owned (state dict sources are read-only views)
+                thetas = [m.get(k, self.device) for m in models]
+                if not allow_non_finite and self.problem is None:
+                    try:  # once, as each tensor is read: the store's only pass over the checkpoints
+                        for t, label in zip([b, *thetas], labels):
+                            check_finite(t, k, label)
+                    except NonFiniteError as exc:
+                        self.problem = exc
                 b32 = b.to(F32)
                 self.base[k] = b
-                self.taus[k] = [(m.get(k, self.device).to(F32) - b32).to(res) for m in models]
+                self.taus[k] = [(t.to(F32) - b32).to(res) for t in thetas]
+                del thetas
         self.resident_bytes = sum(
             t.numel() * t.element_size() for k in self.names for t in [self.base[k], *self.taus[k]]
         )
@@ -168,6 +181,8 @@ class ShardWorker:
     def ready(self) -> dict[str, Any]:
         import os
 
+        if self.problem is not None:
+            raise self.problem
         return {"pid": os.getpid(), "device": str(self.device), "resident_bytes": self.resident_bytes}
 
     def ping(self, delay: float = 0.0) -> int:

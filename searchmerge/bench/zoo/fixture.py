@@ -1,4 +1,4 @@
-"""FIXTURE zoo: a 64-64-64 MLP trunk on sklearn digits (offline-zoo.md §3b(2)); builds in seconds.
+"""FIXTURE zoo: a 64-64-64 MLP trunk on sklearn digits (docs/bench.md, Zoos); builds in seconds.
 
 The trunk is pretrained on digits 0–4 only; five label-partition tasks over all ten digits (parity,
 ≥5, mod 3, prime, has-a-loop) are each fine-tuned (trunk + own head). Data: 70/30 train/test per

