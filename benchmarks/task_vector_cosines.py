@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from searchmerge.io.checkpoint import open_checkpoint
+from searchmerge.io.task_models import backbone_views
 
 
 def pairwise_cosines(taus: list[torch.Tensor]) -> list[float]:
@@ -38,7 +39,7 @@ def zoo_paths(name: str) -> tuple[str, list[str]]:
     spec_file = resolve_spec(name, progress=False)  # the zoo's bench.yaml (built once, then cached)
     folder = spec_file.parent
     spec = yaml.safe_load(spec_file.read_text())["modelpool"]
-    return spec["base"], [str(folder / p) for p in spec["finetuned"].values()]
+    return str(folder / spec["base"]), [str(folder / p) for p in spec["finetuned"].values()]
 
 
 def main() -> None:
@@ -50,8 +51,7 @@ def main() -> None:
     base_path, ft_paths = zoo_paths(args.zoo) if args.zoo else (args.paths[0], args.paths[1:])
     if len(ft_paths) < 2:
         ap.error("need a base and at least two fine-tuned checkpoints")
-    base = open_checkpoint(base_path)
-    fts = [open_checkpoint(p) for p in ft_paths]
+    (base, *fts), _ = backbone_views([open_checkpoint(p) for p in (base_path, *ft_paths)])  # task models: backbones
     n = len(fts)
     rows = []
     for k in base.keys():
