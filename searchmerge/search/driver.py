@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from searchmerge.errors import SearchmergeError
-from searchmerge.search.evaluation import chunk_features, new_scorer, objective_values, predict_chunk
+from searchmerge.search.evaluation import chunk_features, delta_stats, new_scorer, objective_values, predict_chunk
 from searchmerge.search.space import Space
 from searchmerge.search.spec import SearchSpec
 
@@ -76,10 +76,13 @@ def _alive(pid: int) -> bool:
 
 
 def evaluate_resident(store: Any, evaluator: Any, recipe: Any, features: dict[str, Any],
-                      chunks: list[tuple[str, np.ndarray]], scorer: Any, on_chunk: Any = None) -> dict[str, Any]:
-    """Merge ``recipe`` into the resident model, then score ``chunks``; ``on_chunk(partial)`` after each."""
+                      chunks: list[tuple[str, np.ndarray]], scorer: Any, on_chunk: Any = None,
+                      stats: bool = False) -> dict[str, Any]:
+    """Merge ``recipe`` into the resident model, then score ``chunks``; ``on_chunk(partial)`` after each.
+    With ``stats``, the model statistics (``delta_l2``, ``delta_l0``) of the merged model come with the result."""
     t0 = time.perf_counter()
     store.merge_into(recipe, evaluator)
+    model_stats = evaluator.run(delta_stats) if stats else {}
     merge_s = time.perf_counter() - t0
     for task, idx in chunks:
         preds = evaluator.run(predict_chunk, task, chunk_features(features, task, idx))
@@ -87,7 +90,7 @@ def evaluate_resident(store: Any, evaluator: Any, recipe: Any, features: dict[st
         if on_chunk is not None:
             on_chunk(scorer.report(), merge_s, time.perf_counter() - t0 - merge_s)
     final = scorer.report(final=True)
-    return {"result": final, "merge_s": merge_s, "eval_s": time.perf_counter() - t0 - merge_s}
+    return {"result": final, "merge_s": merge_s, "eval_s": time.perf_counter() - t0 - merge_s, "stats": model_stats}
 
 
 def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
@@ -111,7 +114,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         if replica is None:
             time.sleep(0.05)
     store, evaluator = ctx["replicas"][replica]
-    scorer = new_scorer(ctx["bench"], ctx["split"], space.models)
+    scorer = new_scorer(ctx["taskpool"], ctx["split"], space.models)
     total = ctx["total"]
 
     def on_chunk(partial: dict[str, Any], merge_s: float, eval_s: float) -> None:
@@ -123,8 +126,9 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                          "end_time": time.time(), **base})
 
     try:
-        out = evaluate_resident(store, evaluator, recipe, ctx["features"], ctx["chunks"], scorer, on_chunk)
-        vals = objective_values(out["result"])
+        out = evaluate_resident(store, evaluator, recipe, ctx["features"], ctx["chunks"], scorer, on_chunk,
+                                stats=ctx["stats"])
+        vals = objective_values(out["result"]) | out["stats"]
         if any(not math.isfinite(v) for v in vals.values()):
             raise SearchmergeError(f"non-finite metrics {vals}")
     except Exception:

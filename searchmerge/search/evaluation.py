@@ -24,15 +24,47 @@ def plan_chunks(sizes: dict[str, int], batch_size: int, seed: int = 0) -> list[t
     return [(t, idx) for _, t, idx in keyed]
 
 
-def build_eval_module(bench_model: Any, num_threads: int = 1):  # noqa: ANN201
-    """The resident evaluation model (its state dict keys are the merged backbone's), with the task heads."""
+def build_eval_module(bench_model: Any, num_threads: int = 1, keep_base: bool = False,
+                      task_vector_norm: float = 1.0):  # noqa: ANN201
+    """The resident evaluation model (its state dict keys are the merged backbone's), with the task heads.
+
+    ``keep_base`` keeps a copy of θ₀ beside it (one more model's memory) for the model-statistic objectives."""
     import torch
 
     torch.set_num_threads(num_threads)
     runner = bench_model.runner()
     module = runner.module
     object.__setattr__(module, "_sm_runner", runner)  # a plain attribute: not a parameter, never merged into
+    if keep_base:
+        base = {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+        object.__setattr__(module, "_sm_base", base)
+        object.__setattr__(module, "_sm_tv_norm", float(task_vector_norm))
     return module
+
+
+def delta_stats(module: Any) -> dict[str, float]:
+    """``delta_l2`` = ‖θ − θ₀‖₂ / mean_i ‖τ_i‖₂ and ``delta_l0`` = the fraction of entries with θ ≠ θ₀."""
+    import torch
+
+    sd = module.state_dict()
+    sq, moved, total = 0.0, 0, 0
+    for k, b in module._sm_base.items():
+        d = sd[k].detach().double() - b.double()
+        sq += float(torch.sum(d * d))
+        moved += int(torch.count_nonzero(d))
+        total += d.numel()
+    return {"delta_l2": sq ** 0.5 / module._sm_tv_norm, "delta_l0": moved / max(1, total)}
+
+
+def mean_task_vector_norm(base: dict[str, Any], finetuned: Sequence[dict[str, Any]]) -> float:
+    """mean_i ‖θ_i − θ₀‖₂ over the floating tensors: the unit of ``delta_l2``."""
+    import torch
+
+    norms = []
+    for sd in finetuned:
+        sq = sum(float(torch.sum((sd[k].double() - v.double()) ** 2)) for k, v in base.items() if v.is_floating_point())
+        norms.append(sq ** 0.5)
+    return float(np.mean(norms)) if norms else 1.0
 
 
 def predict_chunk(module: Any, task: str, batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -56,8 +88,19 @@ def split_features(bench: Any, split: str, tasks: Sequence[str]) -> dict[str, di
     return feats
 
 
-def new_scorer(bench: Any, split: str, tasks: Sequence[str]) -> _Scorer:
-    return _Scorer(bench.taskpool, split, list(tasks))
+def new_scorer(taskpool: Any, split: str, tasks: Sequence[str]) -> _Scorer:
+    return _Scorer(taskpool, split, list(tasks))
+
+
+def split_only(taskpool: Any, split: str) -> Any:
+    """The task pool with one split's data only: what trial processes get, so the report split never reaches
+    them (and no model pool is shipped: trials read the resident store)."""
+    import dataclasses
+
+    from searchmerge.bench.pool import TaskPool
+
+    tasks = {n: dataclasses.replace(t, splits={split: t.splits[split]}) for n, t in taskpool.tasks.items()}
+    return TaskPool(taskpool.spec, tasks)
 
 
 def objective_values(result: dict[str, Any]) -> dict[str, float]:

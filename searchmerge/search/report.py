@@ -13,7 +13,7 @@ from ray.tune import Callback
 
 from searchmerge.search.spec import SearchSpec
 
-TRIAL_FIELDS = ("average", "worst", "examples", "merge_s", "eval_s", "start_time", "end_time", "recipe_yaml",
+TRIAL_FIELDS = ("average", "worst", "delta_l2", "delta_l0", "examples", "merge_s", "eval_s", "start_time", "end_time", "recipe_yaml",
                 "recipe_key", "method", "duplicate")
 
 
@@ -31,7 +31,12 @@ def read_trials(out: Path) -> list[dict[str, Any]]:
         return []
     import pandas as pd
 
-    return pd.read_parquet(p).to_dict("records")
+    return [{k: _none_if_nan(v) for k, v in r.items()} for r in pd.read_parquet(p).to_dict("records")]
+
+
+def _none_if_nan(v: Any) -> Any:
+    """Parquet gives NaN for a missing float (a failed trial has no metrics); rows use None for missing."""
+    return None if isinstance(v, float) and v != v else v
 
 
 class TrialRecorder(Callback):
@@ -133,7 +138,7 @@ def _report_eval(spec: SearchSpec, bench: Any, replicas: list, recipe: Any, task
     feats = split_features(bench, spec.report_split, tasks)
     sizes = {t: len(bench.taskpool.tasks[t].splits[spec.report_split]) for t in tasks}
     return evaluate_resident(store, ev, recipe, feats, plan_chunks(sizes, spec.eval_batch_size, 0),
-                             new_scorer(bench, spec.report_split, tasks))["result"]
+                             new_scorer(bench.taskpool, spec.report_split, tasks))["result"]
 
 
 def baselines(spec: SearchSpec, bench: Any, replicas: list, tasks: list[str]) -> dict[str, dict[str, Any]]:

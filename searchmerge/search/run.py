@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from searchmerge.search.driver import TUNE_DIR, Coordinator, _trial, grid_space, make_searcher
-from searchmerge.search.evaluation import build_eval_module, exact_model, plan_chunks, split_features
+from searchmerge.search.evaluation import (
+    build_eval_module, exact_model, mean_task_vector_norm, plan_chunks, split_features, split_only,
+)
 from searchmerge.search.report import TrialRecorder, finish_run, read_trials
 from searchmerge.search.space import build_space
-from searchmerge.search.spec import SearchSpec, SearchSpecError, read_search_spec
+from searchmerge.search.spec import STAT_METRICS, SearchSpec, SearchSpecError, read_search_spec
 
 
 @dataclass
@@ -78,7 +80,9 @@ def _search(spec: SearchSpec, out: Path, *, resume: bool, progress: bool) -> Sea
     from searchmerge.store import TaskVectorStore
 
     mp = bench.modelpool
-    builder = functools.partial(build_eval_module, exact_model(bench), spec.num_threads)
+    stats = any(o.metric in STAT_METRICS for o in spec.objectives)
+    tv_norm = mean_task_vector_norm(mp.base, [mp.finetuned[t] for t in tasks]) if stats else 1.0
+    builder = functools.partial(build_eval_module, exact_model(bench), spec.num_threads, stats, tv_norm)
     replicas = []
     for _ in range(spec.concurrency):
         store = TaskVectorStore.build(mp.base, [mp.finetuned[t] for t in tasks], names=tasks, num_actors=1,
@@ -95,8 +99,8 @@ def _search(spec: SearchSpec, out: Path, *, resume: bool, progress: bool) -> Sea
     coord_name = f"searchmerge-coordinator-{os.getpid()}-{int(time.time() * 1e3)}"
     coord = ray.remote(num_cpus=0)(Coordinator).options(name=coord_name).remote(spec.concurrency, known)
     ctx = {"space": space, "coord": coord, "replicas": replicas, "features": features, "chunks": chunks,
-           "total": total, "bench": bench, "split": spec.search_split, "seed": spec.seed,
-           "report_partial": len(spec.objectives) == 1}
+           "total": total, "taskpool": split_only(bench.taskpool, spec.search_split), "split": spec.search_split, "seed": spec.seed,
+           "report_partial": len(spec.objectives) == 1, "stats": stats}
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": 0.01})
     recorder = TrialRecorder(out, spec, prior)
     stopper = _FailureStopper(coord_name, spec.max_failures)
@@ -121,7 +125,7 @@ def _search(spec: SearchSpec, out: Path, *, resume: bool, progress: bool) -> Sea
 
 
 def _metric_keys(tasks: list[str]) -> set[str]:
-    return {"average", "worst", *[f"task_{t}" for t in tasks]}
+    return {"average", "worst", *STAT_METRICS, *[f"task_{t}" for t in tasks]}
 
 
 from ray.tune import Stopper  # noqa: E402 - the run module always runs Tune

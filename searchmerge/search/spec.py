@@ -35,6 +35,9 @@ SEARCHERS = (
     "nevergrad_cma", "nevergrad_de", "nevergrad_twopointsde", "nevergrad_ngopt", "random", "grid",
 )
 MULTI_OBJECTIVE_SEARCHERS = ("optuna_nsga2", "optuna_tpe", "optuna_random", "random")
+# cheap model statistics of the merged model (no evaluation): ‖θ − θ₀‖₂ over the merged tensors, in units of
+# the task vectors' mean norm, and the fraction of entries θ moved away from θ₀
+STAT_METRICS = ("delta_l2", "delta_l0")
 
 
 class SearchSpecError(SearchmergeError, ValueError):
@@ -51,8 +54,9 @@ class Objective(BaseModel):
 
     @model_validator(mode="after")
     def _known(self) -> "Objective":
-        if self.metric not in ("average", "worst") and not self.metric.startswith("task:"):
-            raise ValueError(f"objective metric {self.metric!r} must be `average`, `worst` or `task:<name>`")
+        if self.metric not in ("average", "worst", *STAT_METRICS) and not self.metric.startswith("task:"):
+            raise ValueError(f"objective metric {self.metric!r} must be `average`, `worst`, `task:<name>`, "
+                             f"or a model statistic {list(STAT_METRICS)}")
         return self
 
     @property
@@ -124,6 +128,11 @@ class SearchSpec(BaseModel):
             )
         if len(self.objectives) > 1 and self.scheduler.type == "asha":
             raise ValueError("scheduler `asha` stops on one metric; use `fifo` with several objectives")
+        stats = [o.metric for o in self.objectives if o.metric in STAT_METRICS]
+        if stats and stats == [o.metric for o in self.objectives]:
+            raise ValueError(f"objectives {stats} are model statistics only; add an evaluated metric (e.g. average)")
+        if "delta_l2" in stats and self.reference_point is None:
+            raise ValueError("objective delta_l2 is unbounded: set reference_point (e.g. [0.0, 3.0] for average max, delta_l2 min)")
         if len(set(self.tensor_kinds)) != len(self.tensor_kinds):
             raise ValueError(f"tensor_kinds lists a kind twice: {self.tensor_kinds}")
         if self.reference_point is not None and len(self.reference_point) != len(self.objectives):

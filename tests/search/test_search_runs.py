@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pandas as pd
@@ -91,3 +92,66 @@ def test_two_objective_nsga2_front_is_non_dominated(fixture_zoo, ray_session, tm
         assert not any((v >= p).all() and (v > p).any() for v in vals)
     assert s["hypervolume"] == pytest.approx(hypervolume(vals[pareto_front(vals, ["max", "max"])], [0, 0], ["max", "max"]))
     assert (out / "pareto.png").exists() and (out / "front" / "000.yaml").exists()
+
+
+def test_model_statistic_objectives_are_exact_and_on_the_front(fixture_zoo, ray_session, tmp_path):
+    import torch
+
+    from searchmerge.bench import load_bench
+    from searchmerge.merge import merge
+
+    spec = make_spec(fixture_zoo, searcher="random", budget={"trials": 4},
+                     objectives=[{"metric": "average"}, {"metric": "delta_l2", "mode": "min"}],
+                     reference_point=[0.0, 5.0], points_to_evaluate=[{"method": "task_arithmetic", "lambda": 0.5}])
+    search(spec, tmp_path / "run")
+    t = pd.read_parquet(tmp_path / "run" / "trials.parquet")
+    assert t.delta_l2.notna().all() and t.delta_l0.between(0, 1).all()
+    bench = load_bench(fixture_zoo)
+    mp, names = bench.modelpool, bench.taskpool.names
+    sd = merge(Recipe.from_yaml(t.recipe_yaml[0]), base=mp.base, models=[mp.finetuned[n] for n in names])
+    norm = lambda d: float(torch.sqrt(sum(torch.sum(v.double() ** 2) for v in d.values())))  # noqa: E731
+    unit = np.mean([norm({k: mp.finetuned[n][k] - mp.base[k] for k in mp.base}) for n in names])
+    assert t.delta_l2[0] == pytest.approx(norm({k: sd[k] - mp.base[k] for k in mp.base}) / unit, rel=1e-5)
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["front"] and all("delta_l2" in m["search"] for m in s["front"])
+
+
+def test_a_failing_trial_is_recorded_and_the_search_goes_on(fixture_zoo, ray_session, tmp_path):
+    # ties with trim_scope: model refuses rescale l1 at merge time: the first point fails inside its trial
+    spec = make_spec(fixture_zoo, methods={"ties": {"trim_scope": "model", "rescale": ["l1", "none"],
+                                                   "lambda": [0.2, 1.0]}},
+                     searcher="random", budget={"trials": 4},
+                     points_to_evaluate=[{"rescale": "l1", "lambda": 0.5}, {"rescale": "none", "lambda": 0.5}])
+    res = search(spec, tmp_path / "run")
+    t = pd.read_parquet(tmp_path / "run" / "trials.parquet")
+    assert len(t) == 4
+    failed = t[t.status == "failed"]
+    assert len(failed) >= 1 and failed.error.str.contains("rescale").all()
+    assert (t.status == "done").sum() >= 1 and res.summary["failed"] == len(failed)
+    assert Recipe.from_yaml((tmp_path / "run" / "best.yaml").read_text()).parameters["rescale"] == "none"
+
+
+def test_report_split_is_read_only_after_the_search(fixture_zoo, ray_session, tmp_path, monkeypatch):
+    import searchmerge.search.report as report
+    import searchmerge.search.run as run
+    from searchmerge.search.evaluation import split_only
+
+    reads: list[tuple[str, float]] = []
+    real = run.split_features
+
+    def logged(bench, split, tasks):
+        reads.append((split, time.time()))
+        return real(bench, split, tasks)
+
+    monkeypatch.setattr(run, "split_features", logged)
+    monkeypatch.setattr("searchmerge.search.evaluation.split_features", logged)
+    search(make_spec(fixture_zoo, budget={"trials": 3}), tmp_path / "run")
+    t = pd.read_parquet(tmp_path / "run" / "trials.parquet")
+    report_reads = [ts for s, ts in reads if s == "test"]
+    assert report_reads and min(report_reads) >= t.end_time.max()  # every test-split read after the last trial
+    assert {s for s, _ in reads if s != "test"} == {"validation"}
+    from searchmerge.bench import load_bench
+
+    tp = split_only(load_bench(fixture_zoo).taskpool, "validation")  # what trial processes receive
+    assert all(set(task.splits) == {"validation"} for task in tp.tasks.values())
+    assert report is not None
