@@ -297,3 +297,31 @@ def test_svd_flag_by_tensor_name_in_a_recipe():
     torch.testing.assert_close(out["embed.weight"], mean)  # FusionBench exclude_keys: plain mean
     deltas = [m["layers.1.w"] - base["layers.1.w"] for m in models]
     torch.testing.assert_close(out["layers.1.w"], base["layers.1.w"] + run("iso_c", deltas))
+
+
+def test_an_svd_that_fails_to_converge_is_redone_in_float64(monkeypatch):
+    """LAPACK's float32 SVD can fail on ill-conditioned task vectors; that one SVD is redone in float64."""
+    import searchmerge.methods.subspace as sub
+
+    real = torch.linalg.svd
+    calls = []
+
+    def flaky(a, full_matrices=True):
+        calls.append(a.dtype)
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(a, full_matrices=full_matrices)
+
+    a = torch.randn(7, 5)
+    want = real(a.double(), full_matrices=False)
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    u, s, vh = sub._svd(a)
+    assert calls == [torch.float32, torch.float64] and u.dtype == s.dtype == vh.dtype == torch.float32
+    assert torch.equal(s, want[1].float()) and torch.equal(u, want[0].float())
+
+    def always(a, full_matrices=True):
+        raise torch.linalg.LinAlgError("no")
+
+    monkeypatch.setattr(torch.linalg, "svd", always)
+    with pytest.raises(torch.linalg.LinAlgError):  # a float64 failure is not retried: it propagates
+        sub._svd(torch.eye(3, dtype=torch.float64))

@@ -346,3 +346,26 @@ def test_auto_device_is_cpu_without_gpus(ray_session, zoo):
         pytest.skip("this Ray cluster has GPUs")
     with build_store(base, models, names=NAMES, device="auto") as s:
         assert {a["device"] for a in s.stats()["actors"]} == {"cpu"}
+
+
+@pytest.mark.timeout(300)
+def test_final_scale_methods_cache_their_unit_result_and_stay_exact(ray_session, zoo):
+    """TSV-M / ISO-C / ISO-CTS end in ``·λ``: after one trial a new λ skips the SVDs, bit for bit the core's."""
+    from searchmerge.methods.registry import get_method
+
+    base, models = zoo
+    assert {m for m in ("tsv_m", "iso_c", "iso_cts") if get_method(m).final_scale == "lambda"} == {"tsv_m", "iso_c", "iso_cts"}
+    cases = [("tsv_m", {}), ("iso_c", {}), ("iso_cts", {"common_space_fraction": 0.5})]
+    with build_store(base, models, names=NAMES, cache_fraction=1.0) as s:
+        for method, params in cases:
+            first = recipe_from_dict({"method": method, "base_model": "base",
+                                      "models": [{"model": n} for n in NAMES], "parameters": params})
+            assert_same(s.merge(first), core(first, zoo), exact=True)
+            hits = s.stats()["cache_hits"]
+            for lam in (0.1, 0.45, 1.3):
+                r = first.with_parameters(**{"lambda": lam})
+                assert_same(s.merge(r), core(r, zoo), exact=True)
+            assert s.stats()["cache_hits"] > hits, method
+        weighted = recipe_from_dict({"method": "tsv_m", "base_model": "base", "parameters": {"lambda": 0.7},
+                                     "models": [{"model": n, "parameters": {"weight": 0.5 + i / 4}} for i, n in enumerate(NAMES)]})
+        assert_same(s.merge(weighted), core(weighted, zoo), exact=True)  # other weights: another entry, still exact

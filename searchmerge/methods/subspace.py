@@ -14,6 +14,10 @@ Per tensor, as FusionBench's per-key loops (``isotropic_merging/iso_utils.py``,
   ``U Vᵀ`` of the thin SVD of the concatenated singular vectors, as FusionBench. Matrices that are not
   float32/float64 go through float32 and come back in their own dtype (FusionBench's TSV-M does so;
   the driver passes float32 anyway).
+* Where LAPACK's float32 SVD fails to converge (seen here on a fully fine-tuned MiniLM's
+  position-embedding task vectors, with one thread: ill-conditioned, rank 282 of 384), that one SVD is
+  recomputed in float64 and its factors cast back (:func:`_svd`). FusionBench raises there; every SVD
+  that converges is unchanged.
 * Where a summed matrix is rank-deficient, ISO's isotropic spectrum gives the SVD's arbitrary
   null-space directions a weight: the result then depends on the SVD backend, as in FusionBench.
 """
@@ -50,13 +54,24 @@ def _running_mean(xs: list[Tensor]) -> Tensor:
     return mean
 
 
+def _svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.linalg.svd(a, full_matrices=False)``; on a convergence failure, in float64, cast back."""
+    try:
+        return torch.linalg.svd(a, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if a.dtype == torch.float64:
+            raise
+        u, s, vh = torch.linalg.svd(a.to(torch.float64), full_matrices=False)
+        return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
+
+
 def _polar(a: Tensor) -> Tensor:
     """The nearest matrix with orthonormal columns (or rows): ``U Vᵀ`` of ``a``'s thin SVD."""
-    u, _, vh = torch.linalg.svd(a, full_matrices=False)
+    u, _, vh = _svd(a)
     return u @ vh
 
 
-@merge_method("iso_c", inputs="deltas", min_models=1, reference="https://arxiv.org/abs/2502.04959")
+@merge_method("iso_c", inputs="deltas", min_models=1, reference="https://arxiv.org/abs/2502.04959", final_scale="lambda")
 def iso_c(base: Tensor, deltas: list[Tensor], *, lambda_: Scale = 1.0, svd: bool = True) -> Tensor:
     """ISO-C: flatten the spectrum of Σ τ_t. Matrices: M = Σ τ_t = U S Vᵀ → λ·U·(mean(S)·I)·Vᵀ.
 
@@ -68,7 +83,7 @@ def iso_c(base: Tensor, deltas: list[Tensor], *, lambda_: Scale = 1.0, svd: bool
     if not _is_matrix(mean, svd):
         return mean * lambda_
     total = mean.to(_work_dtype(mean)) * n  # (rows, cols)
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    u, s, vh = _svd(total)
     flat = torch.ones_like(s) * s.mean()  # (r,), r = min(rows, cols)
     return torch.linalg.multi_dot((u, torch.diag(flat), vh)).to(mean.dtype) * lambda_
 
@@ -91,7 +106,7 @@ def iso_cts_split(size: int, n_tasks: int, common_space_fraction: float) -> tupl
     return common, specific // n_tasks
 
 
-@merge_method("iso_cts", inputs="deltas", min_models=1, reference="https://arxiv.org/abs/2502.04959")
+@merge_method("iso_cts", inputs="deltas", min_models=1, reference="https://arxiv.org/abs/2502.04959", final_scale="lambda")
 def iso_cts(
     base: Tensor, deltas: list[Tensor], *, lambda_: Scale = 1.0, common_space_fraction: CommonFraction = 0.8,
     svd: bool = True,
@@ -113,12 +128,12 @@ def iso_cts(
     dtype = deltas[0].dtype
     ts = [d.to(_work_dtype(d)) for d in deltas]  # T × (rows, cols)
     common, per_task = iso_cts_split(min(ts[0].shape), n, common_space_fraction)
-    u, s, vh = torch.linalg.svd(functools.reduce(torch.add, ts), full_matrices=False)
+    u, s, vh = _svd(functools.reduce(torch.add, ts))
     u_c, s_c, vh_c = u[:, :common], s[:common], vh[:common, :]  # (rows, c), (c,), (c, cols)
     us, ss, vhs = [], [], []
     for t in ts:
         specific = t - u_c @ (u_c.mT @ t)  # (rows, cols), common space removed
-        u_t, s_t, vh_t = torch.linalg.svd(specific, full_matrices=False)
+        u_t, s_t, vh_t = _svd(specific)
         us.append(u_t[:, :per_task])
         ss.append(s_t[:per_task])
         vhs.append(vh_t[:per_task, :])
@@ -129,7 +144,7 @@ def iso_cts(
     return torch.linalg.multi_dot((u_all, torch.diag(flat), vh_all)).to(dtype) * lambda_
 
 
-@merge_method("tsv_m", inputs="deltas", min_models=1, reference="https://arxiv.org/abs/2412.00081")
+@merge_method("tsv_m", inputs="deltas", min_models=1, reference="https://arxiv.org/abs/2412.00081", final_scale="lambda")
 def tsv_m(
     base: Tensor, deltas: list[Tensor], *, weight: Weight = 1.0, lambda_: Scale = 1.0, svd: bool = True
 ) -> Tensor:
@@ -155,7 +170,7 @@ def tsv_m(
     k = int(r * (1 / n))
     us, ss, vhs = [], [], []
     for t in ts:
-        u_t, s_t, vh_t = torch.linalg.svd(t, full_matrices=False)
+        u_t, s_t, vh_t = _svd(t)
         us.append(u_t[:, :k])
         ss.append(s_t[:k])
         vhs.append(vh_t[:k, :])
@@ -164,6 +179,6 @@ def tsv_m(
     sum_u = torch.cat(us + [torch.zeros(rows, pad, **like)], dim=1)  # (rows, r)
     sum_s = torch.cat(ss + [torch.zeros(pad, **like)])  # (r,)
     sum_vh = torch.cat(vhs + [torch.zeros(pad, cols, **like)], dim=0)  # (r, cols)
-    u_u, _, vh_u = torch.linalg.svd(sum_u, full_matrices=False)
-    u_v, _, vh_v = torch.linalg.svd(sum_vh, full_matrices=False)
+    u_u, _, vh_u = _svd(sum_u)
+    u_v, _, vh_v = _svd(sum_vh)
     return torch.linalg.multi_dot((u_u, vh_u, torch.diag(sum_s), u_v, vh_v)).to(dtype) * lambda_

@@ -8,6 +8,7 @@ rebuilds itself. Nothing here ever writes into ``self.base`` or ``self.taus``.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import replace
 import resource
 from collections import OrderedDict
@@ -38,6 +39,10 @@ from searchmerge.store.stages import (
 )
 
 F32 = torch.float32
+
+
+class EvaluatorLost(RuntimeError):
+    """The actor restarted since the last merge into its evaluation model: the merged weights are gone."""
 
 
 class LRU:
@@ -118,6 +123,11 @@ def _reader(src: Any, allow_pickle: bool):
     return backbone_views([open_checkpoint(src, allow_pickle=allow_pickle)])[0][0]  # a task model: its backbone
 
 
+def _freeze(v: Any) -> Any:
+    """A hashable form of a resolved parameter value (lists of per-model values become tuples)."""
+    return tuple(_freeze(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
 class ShardWorker:
     """Holds θ₀ and τ_i = θ_i − θ₀ (in ``residency_dtype``) for ``names``; merges them per recipe."""
 
@@ -175,6 +185,7 @@ class ShardWorker:
         self.evaluator: torch.nn.Module | None = None
         self._ev_sd: dict[str, torch.Tensor] = {}
         self.merges = 0
+        self.incarnation = os.urandom(8).hex()  # new on every (re)start: a restart loses the merged evaluator
 
     # --- info -------------------------------------------------------------------------------------
 
@@ -193,9 +204,13 @@ class ShardWorker:
         time.sleep(delay)
         return os.getpid()
 
-    def stats(self) -> dict[str, Any]:
-        import os
+    def node(self) -> str:
+        """The Ray node id this shard lives on."""
+        import ray
 
+        return ray.get_runtime_context().get_node_id()
+
+    def stats(self) -> dict[str, Any]:
         ev_bytes = 0
         if self.evaluator is not None:
             ev_bytes = sum(t.numel() * t.element_size() for t in {id(v): v for v in self._ev_sd.values()}.values())
@@ -314,6 +329,8 @@ class ShardWorker:
         params = resolve_params(recipe, k, layer_fraction(k, self.n_layers))
         base = self.base[k]
         split = split_gta(spec, params, stats, recipe.seed) if recipe.dtype == "float32" else None
+        if split is None and self._final_scale_cacheable(recipe, base):
+            return self._merge_final_scale(recipe, k, params, sel, stats, base, dst, out_dtype)
         if split is None:  # generic path: the merge core's own per-tensor function
             out = merge_tensor(
                 spec, base, [self.taus[k][i] for i in sel], params,
@@ -350,6 +367,30 @@ class ShardWorker:
             e = min(n, s + step)
             merged = b[s:e].to(F32) + combine(comb, [r.chunk(t, s, e) for r, t in zip(reprs, taus)])
             flat[s:e].copy_(merged)
+        return _deliver(target, dst)
+
+    def _final_scale_cacheable(self, recipe: Recipe, base: torch.Tensor) -> bool:
+        """A method whose result is ``f(…)·λ`` (declared ``final_scale``), in float32, with room to cache f."""
+        return (recipe.spec.final_scale is not None and recipe.dtype == "float32" and base.dtype == F32
+                and self.unit_cache_fits)
+
+    def _merge_final_scale(self, recipe: Recipe, k: str, params: dict[str, Any], sel: Sequence[int], stats: Any,
+                           base: torch.Tensor, dst: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        """``base + f(1)·λ`` with f(1) — the method's result at unit scale (e.g. TSV-M's SVD merge) — cached per
+        tensor and every other parameter: a trial that changes only λ skips the SVDs. Bit-identical to the core
+        (``b + f·λ``; ``f·1.0`` is exact)."""
+        spec = recipe.spec
+        scale = spec.final_scale
+        rest = tuple(sorted((n, _freeze(v)) for n, v in params.items() if n != scale))
+        key = ("final", k, spec.name, rest, tuple(sel), recipe.seed if spec.uses_rng else None)
+        unscaled = self.cache.get(key)
+        if unscaled is None:
+            b = base.to(F32)
+            unscaled = spec(b, [self.taus[k][i].to(F32) for i in sel], {**params, scale: 1.0},
+                            rng=tensor_rng(recipe.seed, k) if spec.uses_rng else None, stats=stats).to(F32)
+            self.cache.put(key, unscaled, unscaled.numel() * unscaled.element_size())
+        target = _output(dst, base, out_dtype)
+        scale_add_into(base, unscaled, float(params.get(scale, spec.param(scale).default)), target)
         return _deliver(target, dst)
 
     @staticmethod
@@ -432,7 +473,7 @@ class ShardWorker:
 
     def attach(self, builder: Callable[[], torch.nn.Module], passthrough: dict[str, Any]) -> list[str]:
         """Build the evaluation model here; returns merged tensor names the model lacks (should be empty)."""
-        model = builder()
+        model = builder().to(self.device)  # the evaluation model lives where the shard does (CPU or its GPU)
         model.eval()
         self.evaluator = model
         self._ev_sd = dict(model.state_dict())
@@ -440,8 +481,9 @@ class ShardWorker:
         return [k for k in self.names if k not in self._ev_sd]
 
     def merge_local(self, recipe: Recipe, sel: Sequence[int], stats: Any, out_dtype: str | None,
-                    builder: Callable[[], torch.nn.Module], passthrough: dict[str, Any], *shards: dict[str, Any]) -> int:
-        """Merge this shard straight into the resident model's parameters, then copy in other actors' shards."""
+                    builder: Callable[[], torch.nn.Module], passthrough: dict[str, Any], *shards: dict[str, Any]) -> str:
+        """Merge this shard straight into the resident model's parameters, then copy in other actors' shards.
+        Returns this process's incarnation: calls that read the merged model check it (:meth:`run_checked`)."""
         if self.evaluator is None:  # first use, or rebuilt after a restart
             self.attach(builder, passthrough)
         sd = self._ev_sd
@@ -457,7 +499,7 @@ class ShardWorker:
                 if k in sd:
                     sd[k].copy_(from_numpy(v))
         self.merges += 1
-        return len(self.names)
+        return self.incarnation
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(model, *args, **kwargs)`` on the resident evaluation model."""
@@ -465,3 +507,13 @@ class ShardWorker:
             raise RuntimeError("no evaluator attached (or the actor restarted): merge into it first.")
         with torch.no_grad():
             return fn(self.evaluator, *args, **kwargs)
+
+    def run_checked(self, incarnation: str | None, builder: Callable[[], torch.nn.Module], passthrough: dict[str, Any],
+                    fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """:meth:`run` on the model merged by ``incarnation`` (``None``: the builder's model, rebuilt after a
+        restart); a model whose merge a restart erased raises :class:`EvaluatorLost` (merge again, retry)."""
+        if self.evaluator is None:
+            self.attach(builder, passthrough)
+        if incarnation is not None and incarnation != self.incarnation:
+            raise EvaluatorLost("the store actor restarted since the last merge into its evaluation model")
+        return self.run(fn, *args, **kwargs)

@@ -165,3 +165,46 @@ def test_tensor_kinds_emit_filters_that_resolve_per_kind(granularity):
 def test_tensor_kinds_listed_twice_refused():
     with pytest.raises(SearchSpecError, match="tensor_kinds"):
         spec(tensor_kinds=["mlp", "mlp"])
+
+
+def test_length_bucketed_chunks_pad_little_cover_everything_and_stay_shuffled():
+    rng = np.random.default_rng(0)
+    sizes = {"a": 200, "b": 90}
+    lengths = {t: rng.integers(3, 64, n) for t, n in sizes.items()}
+    c1 = plan_chunks(sizes, 16, seed=5, lengths=lengths)
+    assert [(t, i.tolist()) for t, i in c1] == [(t, i.tolist()) for t, i in plan_chunks(sizes, 16, seed=5, lengths=lengths)]
+    for t, n in sizes.items():
+        assert sorted(np.concatenate([i for tt, i in c1 if tt == t]).tolist()) == list(range(n))
+    padded = sum(len(i) * lengths[t][i].max() for t, i in c1)
+    random_padded = sum(len(i) * lengths[t][i].max() for t, i in plan_chunks(sizes, 16, seed=5))
+    real = sum(int(v.sum()) for v in lengths.values())
+    assert padded < 1.3 * real < random_padded  # a batch pads to about its own length
+    maxima = [int(lengths[t][i].max()) for t, i in c1 if t == "a"]
+    assert maxima != sorted(maxima)  # strata visited in a shuffled order: no prefix holds only short texts
+    assert {t for t, _ in c1[:4]} == {"a", "b"}
+
+
+def test_partial_results_of_bucketed_chunks_add_up_to_the_final_one():
+    from types import SimpleNamespace as NS
+
+    from searchmerge.search.evaluation import new_scorer
+
+    rng = np.random.default_rng(1)
+    labels = {"a": rng.integers(0, 3, 50), "b": rng.integers(0, 2, 30)}
+    preds = {t: np.where(rng.random(len(v)) < 0.7, v, (v + 1) % 3) for t, v in labels.items()}
+    lengths = {t: rng.integers(1, 40, len(v)) for t, v in labels.items()}
+    chunks = plan_chunks({t: len(v) for t, v in labels.items()}, 8, seed=2, lengths=lengths)
+    class Split(NS):  # the scorer reads a split's length and labels, and the task's metric
+        def __len__(self):
+            return len(self.labels)
+
+    tp = NS(tasks={t: NS(spec=NS(metric="accuracy"), splits={"validation": Split(labels=v)}) for t, v in labels.items()})
+    scorer = new_scorer(tp, "validation", ["a", "b"])
+    seen = 0
+    for t, idx in chunks:
+        scorer.add(t, idx, preds[t][idx])
+        seen += len(idx)
+        assert scorer.report()["n"] == seen
+    final = scorer.report(final=True)
+    for t in labels:
+        assert final["per_task"][t] == pytest.approx(float(np.mean(preds[t] == labels[t])))
