@@ -9,5 +9,6 @@ __version__ = "0.1.0"
 from searchmerge.merge import merge  # noqa: E402
 from searchmerge.methods.registry import get_method, list_methods  # noqa: E402
 from searchmerge.recipe import Recipe, load_recipe  # noqa: E402
+from searchmerge.search import search  # noqa: E402  (likewise: `searchmerge.search(spec, out)` is the function)
 
-__all__ = ["merge", "Recipe", "load_recipe", "get_method", "list_methods", "__version__"]
+__all__ = ["merge", "search", "Recipe", "load_recipe", "get_method", "list_methods", "__version__"]

@@ -5,7 +5,8 @@ fixes (a scalar) or searches the declared range (``search``); it never declares 
 make the method a searched categorical; each method's parameters are conditional on it (namespaced
 ``method.param``, read only when that method is drawn). Per-model parameters get one dimension per task
 (``granularity: per_model``) and, with ``layer_groups: G``, one per task and depth group, emitted as a
-MergeKit depth gradient of G values. ``tensor_kinds`` gives every numeric coordinate one value per listed kind
+MergeKit depth gradient of G values; a searched global scalar (e.g. λ) then gets one value per depth group
+(a global gradient: per-layer λ over TSV-M's cached subspace merge costs what a λ trial costs). ``tensor_kinds`` gives every numeric coordinate one value per listed kind
 (norm / embedding / attention / mlp) plus one for the other tensors, emitted as MergeKit name filters.
 """
 
@@ -190,6 +191,8 @@ def _dims_for(method: str, p: Param, setting: Any, models: Sequence[str], spec: 
     make = lambda k, m=None, g=None, kind=None: Dim(  # noqa: E731
         k + tag(kind), method, p.name, m, g, kind, *(bounds if bounds else (None, None)), choices, p.kind is int
     )
+    if not p.per_model and choices is None and spec.layer_groups > 1:  # e.g. λ: one value per depth group
+        return [make(f"{key}#{g}", None, g, kind=c) for g in range(spec.layer_groups) for c in kinds], None
     if not p.per_model or spec.granularity == "global" or choices is not None:
         return [make(key, kind=c) for c in kinds], None
     if spec.layer_groups == 1:

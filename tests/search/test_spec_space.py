@@ -81,6 +81,16 @@ def test_per_model_and_layer_groups_become_depth_gradients():
     assert r.models[1].parameters["weight"] == pytest.approx([0.25, 0.35, 0.45])
 
 
+def test_layer_groups_give_a_searched_global_scalar_a_depth_gradient():
+    s = spec(methods={"tsv_m": {"lambda": [0.2, 2.0]}}, layer_groups=3,
+             points_to_evaluate=[{"method": "tsv_m", "lambda": 1.0}])
+    space = build_space(s, ["a", "b"])
+    assert [d.key for d in space.dims] == ["tsv_m.lambda#0", "tsv_m.lambda#1", "tsv_m.lambda#2"]
+    r = space.to_recipe({"tsv_m.lambda#0": 0.5, "tsv_m.lambda#1": 1.0, "tsv_m.lambda#2": 1.5})
+    assert r.parameters["lambda"] == [0.5, 1.0, 1.5] and all(not m.parameters.get("lambda") for m in r.models)
+    assert space.to_recipe(space.point(s.points_to_evaluate[0])).parameters["lambda"] == [1.0, 1.0, 1.0]
+
+
 def test_points_fill_unset_coordinates_inside_the_range():
     s = spec(methods={"task_arithmetic": {"lambda": [0.1, 1.0]}, "ties": {"density": [0.1, 0.5]}},
              points_to_evaluate=[{"method": "task_arithmetic", "lambda": 0.3}])
@@ -208,3 +218,11 @@ def test_partial_results_of_bucketed_chunks_add_up_to_the_final_one():
     final = scorer.report(final=True)
     for t in labels:
         assert final["per_task"][t] == pytest.approx(float(np.mean(preds[t] == labels[t])))
+
+
+def test_the_package_attribute_search_is_the_function():
+    import searchmerge
+    import searchmerge.search.run  # noqa: F401  (importing the submodules must not rebind it)
+    from searchmerge.search import search
+
+    assert searchmerge.search is search and callable(searchmerge.search)
