@@ -617,10 +617,13 @@ class Runner:
 
     @torch.inference_mode()
     def predict(self, task: str, batch: dict[str, np.ndarray]) -> np.ndarray:
-        tb = {k: torch.as_tensor(np.ascontiguousarray(v)) for k, v in batch.items()}
+        device = next(self.module.parameters()).device  # the resident model's device (a store's GPU, or CPU)
+        tb = {k: torch.as_tensor(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
         head = self.heads.get(task)
         if self.family.needs_heads and head is None:
             raise SearchmergeError(f"no head for task `{task}`")
+        if head is not None:
+            head.to(device)  # in place; a no-op once there
         if getattr(self.family, "heads_from_folders", False):
             return self.family.predict_task(self.module, task, tb).cpu().numpy().astype(np.int64)  # type: ignore[attr-defined]
         return self.family.predict(self.module, head, tb).cpu().numpy().astype(np.int64)

@@ -23,10 +23,35 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
         data = {**spec.model_dump(mode="json", exclude={"root"}), **{k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in update.items()}}
         spec = parse_search_spec(data, root=spec.root, where=f"{args.spec}: ")
-    result = search(spec, args.out, resume=args.resume, force=args.force, progress=True)
+    from searchmerge.cluster.connect import is_job_server, resolve_address
+
+    address = resolve_address(args.address)
+    if is_job_server(address):
+        return _submit(args, address)
+    result = search(spec, args.out, resume=args.resume, force=args.force, progress=True, address=address)
     from searchmerge.search.report import render_report
 
     print(render_report(result.out), end="")
+    return 0
+
+
+def _submit(args: argparse.Namespace, address: str) -> int:
+    """The search as a Ray job on the cluster behind ``address`` (validated here first, run there)."""
+    from searchmerge.cluster.jobs import (
+        JobFailed, job_runtime_env, parse_runtime_env_json, search_entrypoint, submit_search,
+    )
+
+    flags = [f for f, on in (("--resume", args.resume), ("--force", args.force)) if on]
+    for name in ("budget", "searcher", "concurrency"):
+        if getattr(args, name) is not None:
+            flags += [f"--{name}", str(getattr(args, name))]
+    wd = args.working_dir.resolve()
+    env = job_runtime_env(wd, parse_runtime_env_json(args.runtime_env_json))
+    job_id, status = submit_search(address, search_entrypoint(args.spec, str(args.out), wd, flags), env,
+                                   wait=not args.no_wait)
+    if status not in ("SUCCEEDED", "PENDING"):
+        raise JobFailed(f"job {job_id} ended {status} — `ray job logs {job_id} --address {address}` shows why")
+    print(f"job {job_id}: {status}" + ("" if args.no_wait else f"; the run folder is {args.out}"))
     return 0
 
 
@@ -49,6 +74,12 @@ def add_search_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", type=int, default=None, help="trials (overrides the spec)")
     p.add_argument("--searcher", default=None)
     p.add_argument("--concurrency", type=int, default=None)
+    p.add_argument("--address", default=None,
+                   help="Ray cluster: auto | ray://HOST:10001 | HOST:6379 (drive from here) | http://HOST:8265 "
+                        "(submit as a Ray job); default RAY_ADDRESS, else a local Ray on 127.0.0.1")
+    p.add_argument("--runtime-env-json", default=None, help="with an http:// address: added to the job's runtime env")
+    p.add_argument("--working-dir", type=Path, default=Path("."), help="with an http:// address: the folder uploaded")
+    p.add_argument("--no-wait", action="store_true", help="with an http:// address: submit and return")
     p.set_defaults(fn=_cmd_search)
     p = sub.add_parser("report", help="the table of a search run folder")
     p.add_argument("run_dir", type=Path)

@@ -33,22 +33,46 @@ def recipe_key(yaml_text: str) -> str:
 
 
 class Coordinator:
+    """One small actor per search: which trial process holds which replica, the results of recipes already
+    evaluated (duplicates), and the failure count. A holder is (node id, pid): pids mean nothing across nodes."""
+
     def __init__(self, n_replicas: int, known: dict[str, dict[str, Any]]) -> None:
-        self.holders: dict[int, int] = {}  # replica -> pid
+        import ray
+
+        self.holders: dict[int, tuple[str, int]] = {}  # replica -> (node id, pid) of the trial process
         self.n = n_replicas
         self.results = dict(known)
         self.failures = 0
+        self.node = ray.get_runtime_context().get_node_id()
 
-    def pin(self, pid: int) -> int | None:
-        for r, p in self.holders.items():
-            if p == pid:
+    def pin(self, pid: int, node: str | None = None) -> int | None:
+        holder = (node or self.node, pid)
+        for r, h in self.holders.items():
+            if h == holder:
                 return r
         for r in range(self.n):
             h = self.holders.get(r)
-            if h is None or not _alive(h):
-                self.holders[r] = pid
+            if h is None or not self._holder_alive(*h):
+                self.holders[r] = holder
                 return r
         return None
+
+    def _holder_alive(self, node: str, pid: int) -> bool:
+        """Is that trial process alive: its node must be alive, and the pid alive on that node."""
+        import ray
+
+        if node == self.node:
+            return _alive(pid)
+        if node not in {n["NodeID"] for n in ray.nodes() if n.get("Alive")}:
+            return False
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        try:
+            probe = ray.remote(num_cpus=0)(_alive).options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False))
+            return bool(ray.get(probe.remote(pid), timeout=30))
+        except Exception:  # noqa: BLE001 - an unreachable node holds nothing
+            return False
 
     def lookup(self, key: str) -> dict[str, Any] | None:
         return self.results.get(key)
@@ -77,20 +101,41 @@ def _alive(pid: int) -> bool:
 
 def evaluate_resident(store: Any, evaluator: Any, recipe: Any, features: dict[str, Any],
                       chunks: list[tuple[str, np.ndarray]], scorer: Any, on_chunk: Any = None,
-                      stats: bool = False) -> dict[str, Any]:
+                      stats: bool = False, retries: int = 2) -> dict[str, Any]:
     """Merge ``recipe`` into the resident model, then score ``chunks``; ``on_chunk(partial)`` after each.
-    With ``stats``, the model statistics (``delta_l2``, ``delta_l0``) of the merged model come with the result."""
+    With ``stats``, the model statistics (``delta_l2``, ``delta_l0``) of the merged model come with the result.
+
+    A store actor that dies (or restarts) mid-evaluation comes back from the checkpoints; the recipe is merged
+    again (bit-identical: merges are deterministic) and the chunk in flight repeated, ``retries`` times at most
+    (``store_retries`` in the result)."""
+    from searchmerge.store.store import StoreActorDied
+
     t0 = time.perf_counter()
-    store.merge_into(recipe, evaluator)
-    model_stats = evaluator.run(delta_stats) if stats else {}
+    merged, retried = False, 0
+
+    def call(fn: Any = None, *args: Any) -> Any:  # fn None: the merge only
+        nonlocal merged, retried
+        while True:
+            try:
+                if not merged:
+                    store.merge_into(recipe, evaluator)
+                    merged = True
+                return None if fn is None else evaluator.run(fn, *args)
+            except StoreActorDied:
+                if retried >= retries:
+                    raise
+                retried, merged = retried + 1, False
+
+    model_stats = call(delta_stats) if stats else call() or {}
     merge_s = time.perf_counter() - t0
     for task, idx in chunks:
-        preds = evaluator.run(predict_chunk, task, chunk_features(features, task, idx))
+        preds = call(predict_chunk, task, chunk_features(features, task, idx))
         scorer.add(task, idx, np.asarray(preds))
         if on_chunk is not None:
             on_chunk(scorer.report(), merge_s, time.perf_counter() - t0 - merge_s)
     final = scorer.report(final=True)
-    return {"result": final, "merge_s": merge_s, "eval_s": time.perf_counter() - t0 - merge_s, "stats": model_stats}
+    return {"result": final, "merge_s": merge_s, "eval_s": time.perf_counter() - t0 - merge_s, "stats": model_stats,
+            "store_retries": retried}
 
 
 def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
@@ -109,12 +154,12 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         tune.report({**cached, **base, "duplicate": True, "merge_s": 0.0, "eval_s": 0.0, "end_time": time.time()})
         return
     replica = None
+    node = ray.get_runtime_context().get_node_id()
     while replica is None:
-        replica = ray.get(coord.pin.remote(os.getpid()))
+        replica = ray.get(coord.pin.remote(os.getpid(), node))
         if replica is None:
             time.sleep(0.05)
     store, evaluator = ctx["replicas"][replica]
-    scorer = new_scorer(ctx["taskpool"], ctx["split"], space.models)
     total = ctx["total"]
 
     def on_chunk(partial: dict[str, Any], merge_s: float, eval_s: float) -> None:
@@ -126,17 +171,29 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                          "end_time": time.time(), **base})
 
     try:
-        out = evaluate_resident(store, evaluator, recipe, ctx["features"], ctx["chunks"], scorer, on_chunk,
-                                stats=ctx["stats"])
+        out = evaluate_resident(store, evaluator, recipe, ctx["features"], ctx["chunks"],
+                                new_scorer(ctx["taskpool"], ctx["split"], space.models), on_chunk,
+                                stats=ctx["stats"], retries=ctx.get("store_retries", 2))
         vals = objective_values(out["result"]) | out["stats"]
         if any(not math.isfinite(v) for v in vals.values()):
             raise SearchmergeError(f"non-finite metrics {vals}")
+        where = {"replica": replica, "node": _replica_node(store), "store_retries": out["store_retries"]}
     except Exception:
         ray.get(coord.fail.remote())
         raise
     final = {**vals, "examples": out["result"]["n"], "complete": True, "duplicate": False}
     ray.get(coord.put.remote(key, {k: final[k] for k in vals} | {"examples": final["examples"], "complete": True}))
-    tune.report({**final, **base, "merge_s": out["merge_s"], "eval_s": out["eval_s"], "end_time": time.time()})
+    tune.report({**final, **base, **where, "merge_s": out["merge_s"], "eval_s": out["eval_s"], "end_time": time.time()})
+
+
+def _replica_node(store: Any) -> str | None:
+    """The node the replica's evaluator lives on (``None`` if its actor is down right now)."""
+    from searchmerge.store.store import StoreError
+
+    try:
+        return store.nodes()[0]
+    except StoreError:
+        return None
 
 
 # --- searchers ------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from ray.tune import Callback
 from searchmerge.search.spec import SearchSpec
 
 TRIAL_FIELDS = ("average", "worst", "delta_l2", "delta_l0", "examples", "merge_s", "eval_s", "start_time", "end_time", "recipe_yaml",
-                "recipe_key", "method", "duplicate")
+                "recipe_key", "method", "duplicate", "replica", "node", "store_retries")
 
 
 def _atomic_parquet(rows: list[dict[str, Any]], path: Path) -> None:
@@ -59,6 +59,7 @@ class TrialRecorder(Callback):
         res = self.last.get(trial.trial_id) or {}
         row: dict[str, Any] = {"trial": len(self.rows), "trial_id": trial.trial_id, "searcher": self.spec.searcher,
                                "status": status, "error": error[-2000:]}
+        row["trial_retries"] = int(getattr(trial, "num_failures", 0) or 0)  # runs lost with a process or node
         row.update({f"config/{k}": v for k, v in trial.config.items()})
         for k, v in res.items():
             if k in TRIAL_FIELDS or k.startswith("task_"):

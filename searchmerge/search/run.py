@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from searchmerge.cluster.connect import check_run_folder, connect, is_job_server, resolve_address
+from searchmerge.cluster.placement import driver_node, replica_nodes
 from searchmerge.search.driver import TUNE_DIR, Coordinator, _trial, grid_space, make_searcher
 from searchmerge.search.evaluation import (
     build_eval_module, exact_model, mean_task_vector_norm, plan_chunks, split_features, split_only,
@@ -42,8 +44,11 @@ def _check_out(out: Path, resume: bool, force: bool) -> None:
 
 
 def search(spec: SearchSpec | str | Path, out: str | Path = "runs/search", *, resume: bool = False,
-           force: bool = False, progress: bool = True) -> SearchResult:
+           force: bool = False, progress: bool = True, address: str | None = None) -> SearchResult:
     """Run the search ``spec`` into the run folder ``out`` (``resume`` continues an interrupted one).
+
+    ``address`` (else ``RAY_ADDRESS``): the Ray cluster to run on (``auto``, ``ray://…``, ``HOST:6379``);
+    without one a local Ray is started on loopback.
 
     ``force`` replaces a non-empty ``out``: the old folder is moved aside and deleted only once the new
     search has finished (an interrupted new one stays in ``out``, resumable, and the old one is kept)."""
@@ -51,15 +56,19 @@ def search(spec: SearchSpec | str | Path, out: str | Path = "runs/search", *, re
 
     if not isinstance(spec, SearchSpec):
         spec = read_search_spec(spec)
+    check_run_folder(out)
     out = Path(out)
     _check_out(out, resume, force)
+    address = resolve_address(address)
+    if is_job_server(address):
+        raise SearchSpecError(f"address {address} is a job server: submit with `searchmerge search SPEC --address {address}`")
     if force and not resume and out.exists() and any(out.iterdir()):
         with fresh_dir(out, force=True, on_failure="keep"):
-            return _search(spec, out, resume=False, progress=progress)
-    return _search(spec, out, resume=resume, progress=progress)
+            return _search(spec, out, resume=False, progress=progress, address=address)
+    return _search(spec, out, resume=resume, progress=progress, address=address)
 
 
-def _search(spec: SearchSpec, out: Path, *, resume: bool, progress: bool) -> SearchResult:
+def _search(spec: SearchSpec, out: Path, *, resume: bool, progress: bool, address: str | None) -> SearchResult:
     from searchmerge.bench import load_bench
     from searchmerge.bench.zoo import ZOO_NAMES, build_zoo
 
@@ -74,9 +83,7 @@ def _search(spec: SearchSpec, out: Path, *, resume: bool, progress: bool) -> Sea
     import ray
     from ray import tune
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(os.cpu_count() or 1, spec.concurrency), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+    connect(address, num_cpus=max(os.cpu_count() or 1, int(spec.concurrency * (spec.cpus_per_replica + 0.01) + 0.999)))
     from searchmerge.store import TaskVectorStore
 
     mp = bench.modelpool
@@ -84,9 +91,10 @@ def _search(spec: SearchSpec, out: Path, *, resume: bool, progress: bool) -> Sea
     tv_norm = mean_task_vector_norm(mp.base, [mp.finetuned[t] for t in tasks]) if stats else 1.0
     builder = functools.partial(build_eval_module, exact_model(bench), spec.num_threads, stats, tv_norm)
     replicas = []
-    for _ in range(spec.concurrency):
+    for node in replica_nodes(spec.concurrency, spec.cpus_per_replica, prefer_gpu=spec.device != "cpu"):
         store = TaskVectorStore.build(mp.base, [mp.finetuned[t] for t in tasks], names=tasks, num_actors=1,
-                                      threads_per_actor=spec.num_threads)
+                                      threads_per_actor=spec.num_threads, cpus_per_actor=spec.cpus_per_replica,
+                                      device=spec.device, node_id=node)
         replicas.append((store, store.attach_evaluator(builder)))
     features = split_features(bench, spec.search_split, tasks)
     sizes = {t: len(bench.taskpool.tasks[t].splits[spec.search_split]) for t in tasks}
@@ -97,10 +105,12 @@ def _search(spec: SearchSpec, out: Path, *, resume: bool, progress: bool) -> Sea
     known = {r["recipe_key"]: {k: r[k] for k in r if k in _metric_keys(tasks)} | {"examples": r["examples"], "complete": True}
              for r in prior if r.get("status") == "done" and not r.get("duplicate")}
     coord_name = f"searchmerge-coordinator-{os.getpid()}-{int(time.time() * 1e3)}"
-    coord = ray.remote(num_cpus=0)(Coordinator).options(name=coord_name).remote(spec.concurrency, known)
+    coord = ray.remote(num_cpus=0)(Coordinator).options(name=coord_name, scheduling_strategy=driver_node()).remote(
+        spec.concurrency, known)  # beside the driver: a lost worker node must not take the search's state with it
     ctx = {"space": space, "coord": coord, "replicas": replicas, "features": features, "chunks": chunks,
            "total": total, "taskpool": split_only(bench.taskpool, spec.search_split), "split": spec.search_split, "seed": spec.seed,
-           "report_partial": len(spec.objectives) == 1, "stats": stats}
+           "report_partial": len(spec.objectives) == 1, "stats": stats,
+           "store_retries": spec.store_retries}
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": 0.01})
     recorder = TrialRecorder(out, spec, prior)
     stopper = _FailureStopper(coord_name, spec.max_failures)
@@ -177,5 +187,5 @@ def _new_tuner(spec: SearchSpec, space: Any, trainable: Any, recorder: Any, stop
             metric=spec.objectives[0].key if single else None, mode=spec.objectives[0].mode if single else None,
         ),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(out.resolve()), callbacks=[recorder], verbose=0,
-                                  stop=stopper, failure_config=tune.FailureConfig(max_failures=0)),
+                                  stop=stopper, failure_config=tune.FailureConfig(max_failures=spec.trial_retries)),
     )

@@ -108,6 +108,10 @@ class SearchSpec(BaseModel):
     max_failures: int = Field(default=10, ge=0)
     eval_batch_size: int = Field(default=64, ge=1)
     num_threads: int = Field(default=1, ge=1)  # torch threads per store / evaluation actor
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a GPU per replica where the cluster has them
+    cpus_per_replica: float = Field(default=1.0, gt=0)  # the CPUs each store replica (+ its evaluator) reserves
+    trial_retries: int = Field(default=2, ge=0)  # a trial whose process or node is lost runs again (Tune)
+    store_retries: int = Field(default=2, ge=0)  # a trial whose store actor died is evaluated again
     root: str | None = None  # folder the spec was read from (relative bench paths resolve against it)
 
     @model_validator(mode="after")

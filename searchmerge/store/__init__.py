@@ -7,6 +7,6 @@
         score = ev.run(evaluate_fn)
 """
 
-from searchmerge.store.store import ResidentEvaluator, StoreError, TaskVectorStore
+from searchmerge.store.store import ResidentEvaluator, StoreActorDied, StoreError, TaskVectorStore
 
-__all__ = ["TaskVectorStore", "ResidentEvaluator", "StoreError"]
+__all__ = ["TaskVectorStore", "ResidentEvaluator", "StoreError", "StoreActorDied"]

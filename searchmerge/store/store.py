@@ -18,14 +18,19 @@ from searchmerge.io.checkpoint import open_checkpoint
 from searchmerge.io.task_models import backbone_views
 from searchmerge.merge import DTYPES, check_compatible, tensor_rng
 from searchmerge.recipe import Recipe, global_scalars, layer_index
+from searchmerge.cluster.placement import node_affinity
 from searchmerge.store.stages import from_numpy, to_numpy, trim_stage
-from searchmerge.store.worker import ShardWorker
+from searchmerge.store.worker import EvaluatorLost, ShardWorker
 
-__all__ = ["TaskVectorStore", "ResidentEvaluator", "StoreError"]
+__all__ = ["TaskVectorStore", "ResidentEvaluator", "StoreError", "StoreActorDied"]
 
 
 class StoreError(SearchmergeError, RuntimeError):
     """A store call failed (an actor died, a call timed out, the store was closed)."""
+
+
+class StoreActorDied(StoreError):
+    """A store actor died during a call; it restarts from the checkpoints, so the call can be retried."""
 
 
 def _balance(sizes: dict[str, int], keys: Sequence[str], n: int) -> list[list[str]]:
@@ -40,15 +45,21 @@ def _balance(sizes: dict[str, int], keys: Sequence[str], n: int) -> list[list[st
 
 
 class ResidentEvaluator:
-    """A handle to an evaluation model that lives on the store's first actor, next to its shard."""
+    """A handle to an evaluation model that lives on the store's first actor, next to its shard.
+
+    A restarted actor rebuilds the model from the builder (kept in the object store) on the next call; a call
+    that reads a merge the restart erased raises :class:`StoreActorDied` (merge again, then retry)."""
 
     def __init__(self, store: "TaskVectorStore", builder_ref: Any) -> None:
         self.store = store
         self.builder_ref = builder_ref
+        self.incarnation: str | None = None  # the actor process holding the last merge (None: the builder's model)
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(model, *args, **kwargs)`` on the resident model (e.g. compute logits or a loss); returns its result."""
-        return self.store._get(self.store._actors[0].run.remote(fn, *args, **kwargs))
+        s = self.store
+        return s._get(s._actors[0].run_checked.remote(self.incarnation, self.builder_ref, s._passthrough_np,
+                                                      fn, *args, **kwargs))
 
 
 class TaskVectorStore:
@@ -78,6 +89,7 @@ class TaskVectorStore:
         timeout_s: float = 600.0,
         allow_pickle: bool = False,
         allow_non_finite: bool = False,
+        node_id: str | None = None,
     ) -> "TaskVectorStore":
         """Read ``base`` and ``models`` once (paths or state dicts), keep θ₀ and τ_i = θ_i − θ₀ on ``num_actors`` actors.
 
@@ -90,6 +102,7 @@ class TaskVectorStore:
         parallel grain, resident in L2), so its many small passes cost about one pass over memory.
         ``allow_non_finite``: keep checkpoints holding NaN/±Inf (refused by default, checked once as the actors
         read them: a ``NonFiniteError`` names the model and the tensor).
+        ``node_id``: place the actors on that Ray node (soft affinity: a lost node's actors restart elsewhere).
         """
         import ray
 
@@ -144,7 +157,8 @@ class TaskVectorStore:
                 "cpus_per_actor (threads_per_actor sets the torch threads independently) or num_actors."
             )
         remote = ray.remote(ShardWorker).options(
-            num_cpus=cpus_per_actor, num_gpus=1 if gpu else 0, max_restarts=max_restarts, max_task_retries=0
+            num_cpus=cpus_per_actor, num_gpus=1 if gpu else 0, max_restarts=max_restarts, max_task_retries=0,
+            **({"scheduling_strategy": node_affinity(node_id)} if node_id else {}),
         )
         threads = threads_per_actor or 1
         total_bytes = sum(sizes.values())
@@ -183,11 +197,13 @@ class TaskVectorStore:
         except GetTimeoutError as exc:
             raise StoreError(f"a store call did not finish within {timeout or self.timeout_s:.0f} s.") from exc
         except RayActorError as exc:
-            raise StoreError(
+            raise StoreActorDied(
                 "a store actor died during the call; it restarts from the checkpoints, so the next call can succeed."
             ) from exc
         except RayTaskError as exc:
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            if isinstance(cause, EvaluatorLost):
+                raise StoreActorDied(f"{cause}; merge into it again.") from None
             if isinstance(cause, (RecipeError, ValueError)):
                 raise cause from None
             raise StoreError(f"a store call failed: {cause}") from exc
@@ -327,7 +343,8 @@ class TaskVectorStore:
             if evaluator.store is not self:
                 raise StoreError("this evaluator belongs to another store.")
             others = [a.merge.remote(recipe, sel, stats, out_dtype) for a in self._actors[1:]]
-            self._get(self._actors[0].merge_local.remote(
+            evaluator.incarnation = ""  # matches no actor until this merge has landed (a failed one: merge again)
+            evaluator.incarnation = self._get(self._actors[0].merge_local.remote(
                 recipe, sel, stats, out_dtype, evaluator.builder_ref, self._passthrough_np, *others
             ))
             return
@@ -364,6 +381,10 @@ class TaskVectorStore:
             "residency_dtype": self.residency_dtype,
             "thresholds_cached": len(self._thresholds),
         }
+
+    def nodes(self) -> list[str]:
+        """The Ray node id of each actor (a replica's actors share its node unless one restarted elsewhere)."""
+        return self._get([a.node.remote() for a in self._actors])
 
     def digests(self) -> list[str]:
         """One hash per actor of every resident base and task-vector byte (immutability checks)."""

@@ -1,0 +1,88 @@
+"""Addresses, replica placement and the job's runtime env: pure functions, no cluster needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from searchmerge.cluster import ClusterError, NodeInfo, replica_nodes, resolve_address
+from searchmerge.cluster.jobs import RAY_WORKING_DIR_LIMIT, job_runtime_env, search_entrypoint, working_dir_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_address_comes_from_the_flag_then_ray_address(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert resolve_address(None) is None  # a local Ray
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert resolve_address(None) == "10.0.0.5:6379"
+    assert resolve_address("ray://head:10001") == "ray://head:10001"  # the flag wins
+    assert resolve_address("auto") == "auto" and resolve_address("local") is None
+    assert resolve_address("http://127.0.0.1:8265") == "http://127.0.0.1:8265"
+
+
+@pytest.mark.parametrize("bad", ["head", "ftp://x:1", "ray://", "http://a b:1"])
+def test_a_bad_address_is_one_clear_error(bad, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ClusterError, match="not a Ray address"):
+        resolve_address(bad)
+
+
+def nodes(*spec):
+    return [NodeInfo(f"n{i}", f"10.0.0.{i}", cpus, gpus) for i, (cpus, gpus) in enumerate(spec)]
+
+
+def test_replicas_spread_one_per_node_before_doubling_up():
+    assert replica_nodes(3, 1, nodes((4, 0), (4, 0), (4, 0))) == ["n0", "n1", "n2"]
+    assert replica_nodes(4, 1, nodes((4, 0), (4, 0))) == ["n0", "n1", "n0", "n1"]
+    assert replica_nodes(2, 2, nodes((1, 0), (2, 0))) == ["n1", "n1"]  # only n1 fits one
+    assert replica_nodes(2, 1, nodes((8, 0), (8, 8), (8, 8))) == ["n1", "n2"]  # GPU nodes first
+    assert replica_nodes(2, 1, nodes((8, 0), (8, 8)), prefer_gpu=False) == ["n0", "n1"]
+
+
+def test_the_head_node_hosts_replicas_only_when_nothing_else_fits():
+    head = NodeInfo("h", "10.0.0.1", 4, 0, head=True)
+    workers = nodes((2, 0), (2, 0))
+    assert replica_nodes(2, 1, [head, *workers]) == ["n0", "n1"]
+    assert replica_nodes(2, 1, [head]) == ["h", "h"]
+
+
+def test_the_working_dir_upload_leaves_venvs_runs_and_weights_behind(tmp_path):
+    (tmp_path / "searchmerge").mkdir()
+    (tmp_path / "searchmerge" / "a.py").write_text("x = 1\n")
+    for junk in (".venv/lib/big.so", "runs/r/trials.parquet", "zoo/m/model.safetensors", "pkg/__pycache__/a.pyc"):
+        (tmp_path / junk).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / junk).write_bytes(b"0" * 10_000)
+    (tmp_path / "searchmerge" / "zoo").mkdir()  # a package named like an excluded top-level folder stays
+    (tmp_path / "searchmerge" / "zoo" / "b.py").write_text("y = 2\n")
+    size, top = working_dir_bytes(tmp_path)
+    assert size == 12 and top == [("searchmerge", 12)]
+    assert working_dir_bytes(ROOT)[0] < RAY_WORKING_DIR_LIMIT / 10  # the project itself: far under Ray's limit
+
+
+def test_runtime_env_refuses_credentials_and_entrypoint_needs_shared_storage(tmp_path):
+    env = job_runtime_env(tmp_path, {"env_vars": {"OMP_NUM_THREADS": "1"}, "pip": ["x"]})
+    assert env["env_vars"]["OMP_NUM_THREADS"] == "1" and env["pip"] == ["x"] and ".venv" in env["excludes"]
+    with pytest.raises(ClusterError, match="credentials"):
+        job_runtime_env(tmp_path, {"env_vars": {"AWS_SECRET_ACCESS_KEY": "x"}})
+    spec = tmp_path / "experiments" / "s.yaml"
+    spec.parent.mkdir()
+    spec.write_text("x")
+    cmd = search_entrypoint(spec, "/mnt/shared/runs/a", tmp_path, ["--budget", "3"])
+    assert cmd == "python -m searchmerge search experiments/s.yaml --out /mnt/shared/runs/a --budget 3"
+    for remote in ("s3://b/r", "gs://b/r"):  # run folders are POSIX folders: a shared mount, not a URI
+        with pytest.raises(ClusterError, match="NFS, EFS"):
+            search_entrypoint(spec, remote, tmp_path, [])
+    with pytest.raises(ClusterError, match="vanish"):
+        search_entrypoint(spec, "runs/a", tmp_path, [])
+    with pytest.raises(ClusterError, match="outside the working dir"):
+        search_entrypoint(spec, "/mnt/x", tmp_path / "experiments" / "nope", [])
+
+
+def test_a_remote_run_folder_is_one_clear_error_before_any_work():
+    from searchmerge.search import search
+
+    with pytest.raises(ClusterError, match=r"not a s3:// URI .* --out /mnt/shared/runs/NAME"):
+        search(ROOT / "experiments" / "search-fixture.yaml", "s3://bucket/runs/x")
+    assert not (Path.cwd() / "s3:").exists()
