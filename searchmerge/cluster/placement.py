@@ -7,8 +7,12 @@ it never copy weights across nodes. Affinity is *soft*, so a replica whose node 
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
+
+from searchmerge.cluster.connect import ClusterUnreachable
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,40 @@ def replica_nodes(n_replicas: int, cpus_per_replica: float, nodes: list[NodeInfo
     if not fit:
         return []
     return [fit[i % len(fit)].node_id for i in range(n_replicas)]
+
+
+def replica_slots(nodes: list[NodeInfo], cpus_per_replica: float, gpu: bool = False) -> int:
+    """How many replicas the worker nodes (else the head) hold: CPUs per replica, and a GPU each when ``gpu``."""
+    workers = [n for n in nodes if not n.head] or nodes
+    per = [math.floor(n.cpus / cpus_per_replica + 1e-9) if cpus_per_replica > 0 else 0 for n in workers]
+    if gpu:
+        per = [min(k, math.floor(n.gpus)) for k, n in zip(per, workers)]
+    return sum(per)
+
+
+def ensure_capacity(n_replicas: int, cpus_per_replica: float, gpu: bool = False, timeout_s: float = 900.0,
+                    nodes_fn: Callable[[], list[NodeInfo]] = alive_nodes, request: Callable[..., None] | None = None,
+                    sleep: Callable[[float], None] = time.sleep, say: Callable[[str], None] = print) -> list[NodeInfo]:
+    """On an autoscaling cluster (``cluster.yaml`` starts with no workers), ask the autoscaler for
+    ``n_replicas`` bundles and wait until the nodes that hold them have joined; returns the live nodes."""
+    nodes = nodes_fn()
+    if replica_slots(nodes, cpus_per_replica, gpu) >= n_replicas:
+        return nodes
+    if request is None:
+        from ray.autoscaler.sdk import request_resources as request
+    bundle = {"CPU": cpus_per_replica, **({"GPU": 1} if gpu else {})}
+    request(bundles=[bundle] * n_replicas)
+    say(f"waiting for the autoscaler: {n_replicas} replica(s) x {bundle} (the cluster has room for "
+        f"{replica_slots(nodes, cpus_per_replica, gpu)})")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        sleep(5.0)
+        nodes = nodes_fn()
+        if replica_slots(nodes, cpus_per_replica, gpu) >= n_replicas:
+            return nodes
+    raise ClusterUnreachable(
+        f"after {timeout_s:.0f} s the cluster holds {replica_slots(nodes, cpus_per_replica, gpu)} of {n_replicas} "
+        f"replica(s) of {bundle} — raise max_workers in cluster.yaml, check `ray status`, or lower concurrency")
 
 
 def node_affinity(node_id: str | None) -> Any:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from searchmerge.cluster.connect import check_run_folder, connect, is_job_server, resolve_address
-from searchmerge.cluster.placement import driver_node, replica_nodes
+from searchmerge.cluster.placement import driver_node, ensure_capacity, replica_nodes
 from searchmerge.search.driver import TUNE_DIR, Coordinator, _trial, grid_space, make_searcher
 from searchmerge.search.evaluation import (
     build_eval_module, exact_model, mean_task_vector_norm, plan_chunks, split_features, split_only,
@@ -84,6 +84,8 @@ def _search(spec: SearchSpec, out: Path, *, resume: bool, progress: bool, addres
     from ray import tune
 
     connect(address, num_cpus=max(os.cpu_count() or 1, int(spec.concurrency * (spec.cpus_per_replica + 0.01) + 0.999)))
+    if address:  # a cluster: an autoscaling one may have to start the worker nodes first
+        ensure_capacity(spec.concurrency, spec.cpus_per_replica + 0.01, gpu=spec.device == "cuda")
     from searchmerge.store import TaskVectorStore
 
     mp = bench.modelpool

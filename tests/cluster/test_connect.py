@@ -86,3 +86,20 @@ def test_a_remote_run_folder_is_one_clear_error_before_any_work():
     with pytest.raises(ClusterError, match=r"not a s3:// URI .* --out /mnt/shared/runs/NAME"):
         search(ROOT / "experiments" / "search-fixture.yaml", "s3://bucket/runs/x")
     assert not (Path.cwd() / "s3:").exists()
+
+
+def test_an_autoscaling_cluster_is_asked_for_the_replicas_and_waited_for():
+    from searchmerge.cluster.connect import ClusterUnreachable
+    from searchmerge.cluster.placement import ensure_capacity, replica_slots
+
+    head = NodeInfo("h", "10.0.0.1", 0, 0, head=True)
+    gpu_node = NodeInfo("g", "10.0.0.2", 96, 8)
+    assert replica_slots([head, gpu_node], 1.01, gpu=True) == 8 and replica_slots([head], 1.01) == 0
+    views = iter([[head], [head], [head, gpu_node]])  # the head alone (cluster.yaml: min_workers 0), then a worker
+    asked: list = []
+    got = ensure_capacity(4, 1.01, gpu=True, nodes_fn=lambda: next(views), request=lambda **kw: asked.append(kw),
+                          sleep=lambda s: None, say=lambda m: None)
+    assert got[-1] is gpu_node and asked == [{"bundles": [{"CPU": 1.01, "GPU": 1}] * 4}]
+    with pytest.raises(ClusterUnreachable, match="holds 0 of 2 replica"):
+        ensure_capacity(2, 1, nodes_fn=lambda: [head], request=lambda **kw: None, sleep=lambda s: None,
+                        say=lambda m: None, timeout_s=0)
