@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -115,5 +116,8 @@ def ray_head(num_cpus: int = 2, ready_s: float = 90) -> Iterator[Head]:
                 raise RuntimeError(f"the job server did not answer within {ready_s:.0f} s:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
         yield head
-    finally:
-        _stop(proc, temp_dir)
+    except BaseException:
+        _stop(proc, temp_dir)  # the temp dir (logs) stays for a look
+        raise
+    _stop(proc, temp_dir)
+    shutil.rmtree(temp_dir, ignore_errors=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ def test_replicas_spread_over_nodes_and_a_removed_node_loses_no_trial(fixture_zo
                            str(tmp_path / "run"), temp_dir], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=400)
     assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    shutil.rmtree(temp_dir, ignore_errors=True)  # kept only when the run failed (Ray's logs)
     f = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"\nfaults injected: {f['faults_injected']} node removed; trials completed: {f['trials_completed']}; "
           f"retried: {f['trials_retried']}; failed: {f['trials_failed']}; lost: {f['trials_lost']}; "
