@@ -9,6 +9,6 @@ __version__ = "0.1.0"
 from searchmerge.merge import merge  # noqa: E402
 from searchmerge.methods.registry import get_method, list_methods  # noqa: E402
 from searchmerge.recipe import Recipe, load_recipe  # noqa: E402
-from searchmerge.search import search  # noqa: E402  (likewise: `searchmerge.search(spec, out)` is the function)
+import searchmerge.search as search  # noqa: E402  (the subpackage, callable: `searchmerge.search(spec, out)`)
 
 __all__ = ["merge", "search", "Recipe", "load_recipe", "get_method", "list_methods", "__version__"]

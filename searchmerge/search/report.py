@@ -100,6 +100,17 @@ class TrialRecorder(Callback):
     def flush(self) -> None:
         if self.rows:
             _atomic_parquet(self.rows, self.path)
+            from searchmerge.io.remote import mirror_flush
+
+            mirror_flush(self.path.parent)  # --out URI: the staging folder's live files to the URI
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """``Tuner.restore`` unpickles the callbacks pickled when the search started: rows from disk, not from then
+        (else the first trial after ``--resume`` would rewrite trials.parquet without the ones finished before)."""
+        self.__dict__.update(state)
+        if self.path.exists():
+            self.rows = read_trials(self.path.parent)
+            self.seen = {r["trial_id"] for r in self.rows}
 
 
 # --- after the search -----------------------------------------------------------------------------------
@@ -131,15 +142,37 @@ def default_reference(spec: SearchSpec) -> list[float]:
     return list(spec.reference_point) if spec.reference_point else [0.0 if o.mode == "max" else 1.0 for o in spec.objectives]
 
 
-def _report_eval(spec: SearchSpec, bench: Any, replicas: list, recipe: Any, tasks: list[str]) -> dict[str, Any]:
+def _report_eval(spec: SearchSpec, bench: Any, replicas: list, recipe: Any, tasks: list[str],
+                 split: str | None = None, stats: bool = False) -> dict[str, Any]:
+    """``recipe`` merged on the first replica and scored on ``tasks`` of ``split`` (default: the report split);
+    with ``stats`` the model statistics come along (``delta_l2``, ``delta_l0``)."""
     from searchmerge.search.driver import evaluate_resident
-    from searchmerge.search.evaluation import new_scorer, plan_chunks, split_features
+    from searchmerge.search.evaluation import new_scorer, plan_chunks, split_features, token_lengths
 
+    split = split or spec.report_split
     store, ev = replicas[0]
-    feats = split_features(bench, spec.report_split, tasks)
-    sizes = {t: len(bench.taskpool.tasks[t].splits[spec.report_split]) for t in tasks}
-    return evaluate_resident(store, ev, recipe, feats, plan_chunks(sizes, spec.eval_batch_size, 0),
-                             new_scorer(bench.taskpool, spec.report_split, tasks))["result"]
+    feats = split_features(bench, split, tasks)
+    sizes = {t: len(bench.taskpool.tasks[t].splits[split]) for t in tasks}
+    out = evaluate_resident(store, ev, recipe, feats, plan_chunks(sizes, spec.eval_batch_size, 0, token_lengths(feats)),
+                            new_scorer(bench.taskpool, split, tasks), stats=stats)
+    return out["result"] | ({"stats": out["stats"]} if stats else {})
+
+
+def search_split_baselines(spec: SearchSpec, bench: Any, replicas: list, tasks: list[str]) -> dict[str, list[float]]:
+    """The objectives of the fixed baselines (pretrained, TA λ=0.3) on the *search* split, where the trials are:
+    what a Pareto plot can put beside the front without mixing splits."""
+    from searchmerge.recipe import Recipe
+    from searchmerge.search.evaluation import objective_values
+    from searchmerge.search.spec import STAT_METRICS
+
+    stats = any(o.metric in STAT_METRICS for o in spec.objectives)
+    out = {}
+    for name, lam in (("pretrained", 0.0), ("task_arithmetic_0.3", 0.3)):
+        r = Recipe(method="task_arithmetic", base_model="base", models=[{"model": n} for n in tasks], parameters={"lambda": lam})
+        res = _report_eval(spec, bench, replicas, r, tasks, split=spec.search_split, stats=stats)
+        vals = objective_values(res) | res.get("stats", {})
+        out[name] = [float(vals[o.key]) for o in spec.objectives]
+    return out
 
 
 def baselines(spec: SearchSpec, bench: Any, replicas: list, tasks: list[str]) -> dict[str, dict[str, Any]]:
@@ -150,7 +183,7 @@ def baselines(spec: SearchSpec, bench: Any, replicas: list, tasks: list[str]) ->
                                    models=[{"model": n} for n in names], parameters={"lambda": lam})
     out = {"pretrained": _report_eval(spec, bench, replicas, ta(0.0, tasks), tasks),
            "task_arithmetic_0.3": _report_eval(spec, bench, replicas, ta(0.3, tasks), tasks)}
-    per = {t: _report_eval(spec, bench, replicas, ta(1.0, [t]), tasks)["per_task"][t] for t in tasks}
+    per = {t: _report_eval(spec, bench, replicas, ta(1.0, [t]), [t])["per_task"][t] for t in tasks}  # its own task only
     out["individual"] = {"per_task": per, "average": float(np.mean(list(per.values())))}
     return out
 
@@ -206,7 +239,9 @@ def finish_run(out: Path, spec: SearchSpec, bench: Any, space: Any, replicas: li
                 summary["front"].append(m)
             summary["reference_point"] = ref
             summary["hypervolume"] = hypervolume(vals[front], ref, modes)
-    summary["plots"] = write_plots(out, spec, rows)
+    if len(spec.objectives) > 1:
+        summary["search_split_baselines"] = search_split_baselines(spec, bench, replicas, tasks)
+    summary["plots"] = write_plots(out, spec, rows, summary.get("search_split_baselines"))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=float))
     return summary
 
@@ -235,7 +270,8 @@ def curves(spec: SearchSpec, rows: list[dict[str, Any]]) -> dict[str, list[float
     return {"trial": xs, "seconds": ts, "value": ys}
 
 
-def write_plots(out: Path, spec: SearchSpec, rows: list[dict[str, Any]]) -> list[str]:
+def write_plots(out: Path, spec: SearchSpec, rows: list[dict[str, Any]],
+                marks: dict[str, list[float]] | None = None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,21 +299,47 @@ def write_plots(out: Path, spec: SearchSpec, rows: list[dict[str, Any]]) -> list
     h.write_html(hp, include_plotlyjs=True)
     paths.append(str(hp))
     if len(spec.objectives) >= 2:
-        done = [r for r in rows if r.get("status") == "done"]
-        vals = _objective_matrix(done, spec) if done else np.zeros((0, 2))
-        fr = pareto_front(vals, [o.mode for o in spec.objectives])
-        fig, ax = plt.subplots(figsize=(5, 4))
-        ax.scatter(vals[:, 0], vals[:, 1], s=12, alpha=0.5, label="trials")
-        ax.scatter(vals[fr, 0], vals[fr, 1], s=30, c="red", label="front")
-        ax.set_xlabel(spec.objectives[0].key)
-        ax.set_ylabel(spec.objectives[1].key)
-        ax.legend()
-        fig.tight_layout()
-        pp = out / "pareto.png"
-        fig.savefig(pp, dpi=100)
-        plt.close(fig)
-        paths.append(str(pp))
+        paths += pareto_plot(out, spec, rows, marks or {})
     return paths
+
+
+def pareto_plot(out: Path, spec: SearchSpec, rows: list[dict[str, Any]], marks: dict[str, list[float]]) -> list[str]:
+    """Every pair of objectives: the trials, the front (non-dominated in all objectives) and the baselines."""
+    import itertools
+
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r.get("status") == "done"]
+    m = len(spec.objectives)
+    vals = _objective_matrix(done, spec) if done else np.zeros((0, m))
+    fr = pareto_front(vals, [o.mode for o in spec.objectives])
+    pairs = list(itertools.combinations(range(m), 2))
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4), squeeze=False)
+    for ax, (i, j) in zip(axes[0], pairs):
+        ax.scatter(vals[:, i], vals[:, j], s=12, alpha=0.5, label="trials")
+        ax.scatter(vals[fr, i], vals[fr, j], s=30, c="red", label="front")
+        for name, v in marks.items():
+            ax.scatter([v[i]], [v[j]], marker="*", s=120, label=name)
+        ax.set_xlabel(f"{spec.objectives[i].key} ({spec.objectives[i].mode})")
+        ax.set_ylabel(f"{spec.objectives[j].key} ({spec.objectives[j].mode})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{spec.name}: {spec.search_split} split")
+    fig.tight_layout()
+    pp = out / "pareto.png"
+    fig.savefig(pp, dpi=100)
+    plt.close(fig)
+    import plotly.graph_objects as go
+
+    dims = [{"label": o.key, "values": vals[:, i]} for i, o in enumerate(spec.objectives)]
+    on_front = np.isin(np.arange(len(vals)), fr)
+    h = go.Figure(go.Splom(dimensions=dims, diagonal_visible=False, showupperhalf=False,
+                           text=[f"trial {int(r['trial'])}: {r.get('method')}" for r in done],
+                           marker={"color": np.where(on_front, "red", "steelblue"), "size": np.where(on_front, 9, 5)}))
+    h.update_layout(title=f"{spec.name}: trials (front in red), {spec.search_split} split")
+    hp = out / "pareto.html"
+    h.write_html(hp, include_plotlyjs=True)
+    return [str(pp), str(hp)]
 
 
 def render_report(out: Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -11,10 +12,12 @@ from typing import Any
 
 from searchmerge.cluster.connect import check_run_folder, connect, is_job_server, resolve_address
 from searchmerge.cluster.placement import driver_node, ensure_capacity, replica_nodes
+from searchmerge.io.remote import is_uri
 from searchmerge.search.driver import TUNE_DIR, Coordinator, _trial, grid_space, make_searcher
 from searchmerge.search.evaluation import (
-    build_eval_module, exact_model, mean_task_vector_norm, plan_chunks, split_features, split_only,
+    build_eval_module, exact_model, mean_task_vector_norm, plan_chunks, split_features, split_only, token_lengths,
 )
+from searchmerge.search.progress import ProgressView
 from searchmerge.search.report import TrialRecorder, finish_run, read_trials
 from searchmerge.search.space import build_space
 from searchmerge.search.spec import STAT_METRICS, SearchSpec, SearchSpecError, read_search_spec
@@ -56,7 +59,9 @@ def search(spec: SearchSpec | str | Path, out: str | Path = "runs/search", *, re
 
     if not isinstance(spec, SearchSpec):
         spec = read_search_spec(spec)
-    check_run_folder(out)
+    out = check_run_folder(out)  # a URI comes back checked (before any work) and normalized
+    if is_uri(out):
+        return _search_uri(spec, out, resume=resume, force=force, progress=progress, address=address)
     out = Path(out)
     _check_out(out, resume, force)
     address = resolve_address(address)
@@ -66,6 +71,58 @@ def search(spec: SearchSpec | str | Path, out: str | Path = "runs/search", *, re
         with fresh_dir(out, force=True, on_failure="keep"):
             return _search(spec, out, resume=False, progress=progress, address=address)
     return _search(spec, out, resume=resume, progress=progress, address=address)
+
+
+def _search_uri(spec: SearchSpec, uri: str, *, resume: bool, force: bool, progress: bool,
+                address: str | None) -> SearchResult:
+    """``--out URI``: the search runs in a local staging folder (``SearchResult.out``) mirrored to ``uri``: the
+    live files after every trial, everything at the end (:mod:`searchmerge.io.remote`). ``resume`` pulls ``uri``
+    first; ``force`` leaves the old run at ``uri`` whole until the new search has finished, then replaces it."""
+    import contextlib
+    import json
+    import sys
+
+    from searchmerge.io import remote
+    from searchmerge.io.writer import atomic_write_text
+
+    address = resolve_address(address)
+    if is_job_server(address):
+        raise SearchSpecError(f"address {address} is a job server: submit with `searchmerge search SPEC --address {address}`")
+    if address and address.startswith("ray://"):
+        raise SearchSpecError(f"--out {uri} with --address {address}: under Ray Client, Tune runs on the head, away from "
+                              "the staging folder — submit it as a job (--address http://HEAD:8265) or run it on the head")
+    had_run = remote.exists(uri)
+    if had_run and not (resume or force):
+        raise SearchSpecError(f"--out {uri} exists and is not empty; pass --resume to continue it or --force to start over")
+    if resume and not remote.exists(uri, TUNE_DIR):
+        raise SearchSpecError(f"--resume: {uri} holds no search to resume ({uri}/{TUNE_DIR} not found)")
+    local = remote.staging_dir(uri)
+    if resume:
+        remote.pull(uri, local)
+    else:
+        remote.clear(local)
+    deferred = force and had_run and not resume  # the old run stays whole until the new one has finished
+    key = str(local.resolve())
+    if not deferred:
+        remote.MIRRORS[key] = uri  # TrialRecorder.flush pushes the live files after every trial
+    try:
+        result = _search(spec, local, resume=resume, progress=progress, address=address)
+    except BaseException:
+        if deferred:
+            print(f"searchmerge: {uri} is unchanged; the interrupted new search is in {local}", file=sys.stderr)
+        else:
+            with contextlib.suppress(Exception):
+                remote.push(local, uri)  # all there is (Tune's trial folders too): --resume continues from it
+        raise
+    finally:
+        remote.MIRRORS.pop(key, None)
+    plots = [Path(p) for p in result.summary.get("plots", [])]
+    result.summary["plots"] = [f"{uri}/{p.relative_to(local).as_posix()}" if p.is_relative_to(local) else str(p) for p in plots]
+    atomic_write_text(local / "summary.json", json.dumps(result.summary, indent=2, default=float))
+    remote.push(local, uri)
+    if deferred:
+        remote.prune(local, uri)  # what the old run had and the new one has not
+    return result
 
 
 def _search(spec: SearchSpec, out: Path, *, resume: bool, progress: bool, address: str | None) -> SearchResult:
@@ -83,9 +140,10 @@ def _search(spec: SearchSpec, out: Path, *, resume: bool, progress: bool, addres
     import ray
     from ray import tune
 
-    connect(address, num_cpus=max(os.cpu_count() or 1, int(spec.concurrency * (spec.cpus_per_replica + 0.01) + 0.999)))
+    connect(address, num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed(spec))))
     if address:  # a cluster: an autoscaling one may have to start the worker nodes first
         ensure_capacity(spec.concurrency, spec.cpus_per_replica + 0.01, gpu=spec.device == "cuda")
+    check_cpus(spec, free_cpus(cpus_needed(spec)))
     from searchmerge.store import TaskVectorStore
 
     mp = bench.modelpool
@@ -96,11 +154,11 @@ def _search(spec: SearchSpec, out: Path, *, resume: bool, progress: bool, addres
     for node in replica_nodes(spec.concurrency, spec.cpus_per_replica, prefer_gpu=spec.device != "cpu"):
         store = TaskVectorStore.build(mp.base, [mp.finetuned[t] for t in tasks], names=tasks, num_actors=1,
                                       threads_per_actor=spec.num_threads, cpus_per_actor=spec.cpus_per_replica,
-                                      device=spec.device, node_id=node)
+                                      device=spec.device, node_id=node, cache_fraction=spec.cache_fraction)
         replicas.append((store, store.attach_evaluator(builder)))
     features = split_features(bench, spec.search_split, tasks)
     sizes = {t: len(bench.taskpool.tasks[t].splits[spec.search_split]) for t in tasks}
-    chunks = plan_chunks(sizes, spec.eval_batch_size, spec.seed)
+    chunks = plan_chunks(sizes, spec.eval_batch_size, spec.seed, token_lengths(features))
     total = sum(sizes.values())
 
     prior = read_trials(out)
@@ -113,15 +171,16 @@ def _search(spec: SearchSpec, out: Path, *, resume: bool, progress: bool, addres
            "total": total, "taskpool": split_only(bench.taskpool, spec.search_split), "split": spec.search_split, "seed": spec.seed,
            "report_partial": len(spec.objectives) == 1, "stats": stats,
            "store_retries": spec.store_retries}
-    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": TRIAL_CPUS})
     recorder = TrialRecorder(out, spec, prior)
+    view = ProgressView(spec, prior_done=len(prior), best=_best_so_far(prior, spec), enabled=progress)
     stopper = _FailureStopper(coord_name, spec.max_failures)
     t_start = time.time()
     if resume and tune.Tuner.can_restore(str((out / TUNE_DIR).resolve())):
         tuner = tune.Tuner.restore(str((out / TUNE_DIR).resolve()), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     else:
-        tuner = _new_tuner(spec, space, trainable, recorder, stopper, out, total)
+        tuner = _new_tuner(spec, space, trainable, [recorder, view], stopper, out, total)
     try:
         grid = tuner.fit()
         recorder.reconcile(grid)
@@ -134,6 +193,38 @@ def _search(spec: SearchSpec, out: Path, *, resume: bool, progress: bool, addres
     import pandas as pd
 
     return SearchResult(out, summary, pd.read_parquet(out / "trials.parquet"))
+
+
+TRIAL_CPUS = 0.01  # a trial process mostly waits on its replica's actor: a token reservation
+
+
+def cpus_needed(spec: SearchSpec) -> float:
+    """Logical CPUs a search reserves: each replica (store + evaluator) and each concurrent trial process."""
+    return spec.concurrency * (spec.cpus_per_replica + TRIAL_CPUS)
+
+
+def free_cpus(need: float, wait_s: float = 5.0) -> float:
+    """Ray's free CPUs, waiting up to ``wait_s`` for ``need`` of them: actors killed just before (an earlier
+    search's stores) hand their CPUs back a moment after ``ray.kill`` returns."""
+    import ray
+
+    deadline = time.time() + wait_s
+    while True:
+        free = ray.available_resources().get("CPU", 0.0)
+        if free + 1e-9 >= need or time.time() > deadline:
+            return free
+        time.sleep(0.1)
+
+
+def check_cpus(spec: SearchSpec, available: float) -> None:
+    """Refuse, before any work, a search whose reservations cannot all be granted (Tune would wait forever)."""
+    need = cpus_needed(spec)
+    if need > available + 1e-9:
+        fit = max(0.0, available / spec.concurrency - TRIAL_CPUS)
+        raise SearchSpecError(
+            f"concurrency {spec.concurrency} x cpus_per_replica {spec.cpus_per_replica:g} (+{TRIAL_CPUS} per trial) needs "
+            f"{need:g} CPUs but Ray has {available:g} free; set cpus_per_replica <= {fit:.2f} (threads are set by "
+            "num_threads, not by the reservation) or lower concurrency")
 
 
 def _metric_keys(tasks: list[str]) -> set[str]:
@@ -165,7 +256,16 @@ class _FailureStopper(Stopper):
         return ray.get(coord.failure_count.remote()) > self.max_failures
 
 
-def _new_tuner(spec: SearchSpec, space: Any, trainable: Any, recorder: Any, stopper: Any, out: Path, total: int):  # noqa: ANN202
+def _best_so_far(rows: list[dict[str, Any]], spec: SearchSpec) -> float | None:
+    """The best objective value among finished trials (single objective), for a resumed search's view."""
+    o = spec.objectives[0]
+    vals = [float(r[o.key]) for r in rows if r.get("status") == "done" and r.get(o.key) is not None]
+    if len(spec.objectives) > 1 or not vals:
+        return None
+    return max(vals) if o.mode == "max" else min(vals)
+
+
+def _new_tuner(spec: SearchSpec, space: Any, trainable: Any, callbacks: list[Any], stopper: Any, out: Path, total: int):  # noqa: ANN202
     from ray import tune
 
     points = [space.point(p) for p in spec.points_to_evaluate]
@@ -185,9 +285,9 @@ def _new_tuner(spec: SearchSpec, space: Any, trainable: Any, recorder: Any, stop
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(
             search_alg=alg, scheduler=scheduler, num_samples=n, time_budget_s=spec.budget.seconds, reuse_actors=True,
-            max_concurrent_trials=spec.concurrency,
+            # concurrency is the searcher's own limit (ConcurrencyLimiter / BasicVariantGenerator(max_concurrent))
             metric=spec.objectives[0].key if single else None, mode=spec.objectives[0].mode if single else None,
         ),
-        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(out.resolve()), callbacks=[recorder], verbose=0,
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(out.resolve()), callbacks=callbacks, verbose=0,
                                   stop=stopper, failure_config=tune.FailureConfig(max_failures=spec.trial_retries)),
     )

@@ -112,6 +112,9 @@ class SearchSpec(BaseModel):
     cpus_per_replica: float = Field(default=1.0, gt=0)  # the CPUs each store replica (+ its evaluator) reserves
     trial_retries: int = Field(default=2, ge=0)  # a trial whose process or node is lost runs again (Tune)
     store_retries: int = Field(default=2, ge=0)  # a trial whose store actor died is evaluated again
+    # the store's cache of merged deltas (TIES/DARE masks, TSV-M/ISO SVD results at unit λ), as a fraction of the
+    # resident bytes: 0.5 holds ~3 whole-model entries for 6 tasks, so switching methods rarely recomputes SVDs
+    cache_fraction: float = Field(default=0.5, gt=0, le=4)
     root: str | None = None  # folder the spec was read from (relative bench paths resolve against it)
 
     @model_validator(mode="after")

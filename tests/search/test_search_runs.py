@@ -91,7 +91,9 @@ def test_two_objective_nsga2_front_is_non_dominated(fixture_zoo, ray_session, tm
     for p in front:  # no trial dominates a front member
         assert not any((v >= p).all() and (v > p).any() for v in vals)
     assert s["hypervolume"] == pytest.approx(hypervolume(vals[pareto_front(vals, ["max", "max"])], [0, 0], ["max", "max"]))
-    assert (out / "pareto.png").exists() and (out / "front" / "000.yaml").exists()
+    assert (out / "pareto.png").exists() and (out / "pareto.html").exists() and (out / "front" / "000.yaml").exists()
+    marks = s["search_split_baselines"]  # the baselines on the search split, where the plot puts them
+    assert set(marks) == {"pretrained", "task_arithmetic_0.3"} and all(len(v) == 2 for v in marks.values())
 
 
 def test_model_statistic_objectives_are_exact_and_on_the_front(fixture_zoo, ray_session, tmp_path):
@@ -155,3 +157,36 @@ def test_report_split_is_read_only_after_the_search(fixture_zoo, ray_session, tm
     tp = split_only(load_bench(fixture_zoo).taskpool, "validation")  # what trial processes receive
     assert all(set(task.splits) == {"validation"} for task in tp.tasks.values())
     assert report is not None
+
+
+def test_two_concurrent_trials_use_two_replicas_and_overlap(fixture_zoo, ray_session, tmp_path):
+    spec = make_spec(fixture_zoo, methods={"task_arithmetic": {"lambda": [0.1, 1.5]}}, searcher="random",
+                     budget={"trials": 6}, concurrency=2, cpus_per_replica=0.5, eval_batch_size=8)
+    search(spec, tmp_path / "run")
+    t = pd.read_parquet(tmp_path / "run" / "trials.parquet").sort_values("start_time")
+    assert len(t) == 6 and (t.status == "done").all()
+    assert set(t.replica.astype(int)) == {0, 1}  # each trial process pinned its own replica
+    starts, ends = t.start_time.to_numpy(), t.end_time.to_numpy()
+    assert any(starts[i + 1] < ends[i] for i in range(len(t) - 1))  # asynchronous: trials ran at the same time
+
+
+def test_reservations_that_cannot_be_granted_are_refused_before_work():
+    from searchmerge.search.run import check_cpus
+    from searchmerge.search.spec import SearchSpecError
+
+    spec = parse_search_spec({"bench": "fixture", "methods": {"task_arithmetic": {}}, "concurrency": 2})
+    check_cpus(spec, 3.0)
+    with pytest.raises(SearchSpecError, match=r"cpus_per_replica <= 0\.99"):
+        check_cpus(spec, 2.0)  # two replicas at 1 CPU leave nothing for the trial processes: Tune would wait forever
+
+
+def test_progress_view_shows_trials_best_and_eta(fixture_zoo, ray_session, tmp_path, capsys):
+    from searchmerge.search.progress import eta_seconds
+
+    assert eta_seconds(4, 8.0, 6, None) == pytest.approx(12.0)  # 6 trials left at 2 s each
+    assert eta_seconds(4, 8.0, 6, 10.0) == pytest.approx(2.0)  # the wall budget ends first
+    assert eta_seconds(0, 1.0, 6, None) is None
+    search(make_spec(fixture_zoo, budget={"trials": 3}, searcher="random"), tmp_path / "run")
+    shown = capsys.readouterr()
+    text = shown.out + shown.err
+    assert "3/3" in text and "best average" in text and "ETA" in text
