@@ -24,16 +24,13 @@ class ClusterError(SearchmergeError, ValueError):
     """A cluster address or cluster spec is invalid (bad input: exit 2)."""
 
 
-def check_run_folder(out: str | os.PathLike[str]) -> None:
-    """A run folder is a POSIX folder (Tune's state, parquet rewritten by atomic rename, ``--resume``): a remote
-    URI is refused with the fix, a shared mount, rather than written to a local folder named ``s3:``."""
-    text = os.fspath(out)
-    if re.match(r"^[a-zA-Z][\w+.-]+:/", text):  # also Path("s3://b/x"), which reads "s3:/b/x"
-        text = re.sub(r"^([\w+.-]+):/+", r"\1://", text)
-        raise ClusterError(
-            f"--out {text}: run folders must be a folder path, not a {text.split('://')[0]}:// URI — mount shared "
-            "storage on every node (NFS, EFS, Filestore) and give its path, e.g. --out /mnt/shared/runs/NAME"
-        )
+def check_run_folder(out: str | os.PathLike[str], *, probe: bool = True) -> str:
+    """A run folder is a folder path (on a cluster: a mount every node shares) or a URI pyarrow can write
+    (``s3://``, ``gs://``, ``file://``…: staged locally and mirrored, :mod:`searchmerge.io.remote`). A URI is
+    checked before any work (no credentials in it; with ``probe``, reachable from here) and returned normalized."""
+    from searchmerge.io.remote import check_uri, is_uri
+
+    return check_uri(out, probe=probe) if is_uri(out) else os.fspath(out)
 
 
 def resolve_address(address: str | None) -> str | None:

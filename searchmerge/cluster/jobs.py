@@ -4,8 +4,8 @@ The job's working dir is this project folder (code, specs, experiments), uploade
 caches and venvs stay behind (``.gitignore`` plus :data:`EXCLUDES`), so it stays far under Ray's 100 MiB
 limit. The cluster's nodes have searchmerge's dependencies from ``cluster.yaml``'s setup commands; the
 job runs the uploaded code with ``python -m searchmerge``. Run folders must be on storage the cluster
-shares (an absolute path on an NFS / EFS mount): a relative one would vanish with the job, and ``s3://`` /
-``gs://`` URIs are refused (run folders are POSIX folders: atomic renames, Tune's state, ``--resume``).
+shares: an absolute path on an NFS / EFS mount, or an ``s3://`` / ``gs://`` URI (the job's driver stages the run
+folder locally and mirrors it there, :mod:`searchmerge.io.remote`); a relative path would vanish with the job.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 from searchmerge.cluster.connect import ClusterError, ClusterUnreachable, check_run_folder
 from searchmerge.errors import SearchmergeError
+from searchmerge.io.remote import is_uri
 
 RAY_WORKING_DIR_LIMIT = 100 * 1024 * 1024
 # gitignore syntax (Ray's): a leading "/" anchors to the working dir's top (`zoo` alone would drop the package
@@ -101,8 +102,8 @@ def search_entrypoint(spec: Path, out: str, working_dir: Path, flags: list[str])
     except ValueError:
         raise ClusterError(f"spec {spec} is outside the working dir {working_dir}; a job sees only that folder — "
                            "move the spec into it") from None
-    check_run_folder(out)
-    if not os.path.isabs(out):
+    out = check_run_folder(out, probe=False)  # a URI: no credentials in it; the nodes' roles reach it, maybe not this laptop
+    if not is_uri(out) and not os.path.isabs(out):
         raise ClusterError(f"--out {out}: a relative run folder would live in the job's temporary working dir and "
                            "vanish with it — give a path on storage every node shares (e.g. /mnt/shared/runs/x)")
     return shlex.join(["python", "-m", "searchmerge", "search", rel.as_posix(), "--out", out, *flags])

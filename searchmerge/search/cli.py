@@ -59,16 +59,23 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from searchmerge.search.report import render_report
     from searchmerge.search.spec import SearchSpecError
 
-    if not (Path(args.run_dir) / "summary.json").is_file():
+    run_dir = args.run_dir
+    from searchmerge.io import remote
+
+    if remote.is_uri(run_dir):  # a remote run folder: its files (not Tune's state) pulled into a local copy
+        uri = remote.check_uri(run_dir, flag="report")
+        run_dir = remote.staging_dir(uri, "report")
+        remote.pull(uri, run_dir, skip=["tune"])
+    if not (Path(run_dir) / "summary.json").is_file():
         raise SearchSpecError(f"{args.run_dir}: no summary.json (not a finished search run folder)")
-    print(render_report(args.run_dir), end="")
+    print(render_report(run_dir), end="")
     return 0
 
 
 def add_search_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="search merge recipes (Ray Tune + Optuna / Nevergrad) on a bench")
     p.add_argument("spec", type=Path)
-    p.add_argument("--out", required=True, type=Path, help="run folder")
+    p.add_argument("--out", required=True, help="run folder: a path, or s3:// / gs:// / file:// (staged here, mirrored)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     p.add_argument("--force", action="store_true", help="replace an existing run folder")
     p.add_argument("--budget", type=int, default=None, help="trials (overrides the spec)")
@@ -82,5 +89,5 @@ def add_search_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-wait", action="store_true", help="with an http:// address: submit and return")
     p.set_defaults(fn=_cmd_search)
     p = sub.add_parser("report", help="the table of a search run folder")
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", help="a run folder, or its s3:// / gs:// / file:// URI")
     p.set_defaults(fn=_cmd_report)

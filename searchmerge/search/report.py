@@ -49,6 +49,11 @@ class TrialRecorder(Callback):
         self.seen = {r["trial_id"] for r in prior}
         self.last: dict[str, dict[str, Any]] = {}
 
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        # where Tune saves its state on the driver (run folder's tune/ is a copy synced in the background): a
+        # mirrored run folder (--out URI) pushes a consistent snapshot of Tune's state from there
+        self.tune_state = getattr(getattr(trial, "storage", None), "experiment_driver_staging_path", None)
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any) -> None:
         self.last[trial.trial_id] = result
 
@@ -102,7 +107,7 @@ class TrialRecorder(Callback):
             _atomic_parquet(self.rows, self.path)
             from searchmerge.io.remote import mirror_flush
 
-            mirror_flush(self.path.parent)  # --out URI: the staging folder's live files to the URI
+            mirror_flush(self.path.parent, getattr(self, "tune_state", None))  # --out URI: live files to the URI
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """``Tuner.restore`` unpickles the callbacks pickled when the search started: rows from disk, not from then

@@ -8,6 +8,7 @@ import pytest
 
 from searchmerge.cluster import ClusterError, NodeInfo, replica_nodes, resolve_address
 from searchmerge.cluster.jobs import RAY_WORKING_DIR_LIMIT, job_runtime_env, search_entrypoint, working_dir_bytes
+from searchmerge.errors import SearchmergeError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,21 +72,22 @@ def test_runtime_env_refuses_credentials_and_entrypoint_needs_shared_storage(tmp
     spec.write_text("x")
     cmd = search_entrypoint(spec, "/mnt/shared/runs/a", tmp_path, ["--budget", "3"])
     assert cmd == "python -m searchmerge search experiments/s.yaml --out /mnt/shared/runs/a --budget 3"
-    for remote in ("s3://b/r", "gs://b/r"):  # run folders are POSIX folders: a shared mount, not a URI
-        with pytest.raises(ClusterError, match="NFS, EFS"):
-            search_entrypoint(spec, remote, tmp_path, [])
+    for remote in ("s3://b/r", "gs://b/r"):  # staged by the job's driver and mirrored (searchmerge.io.remote)
+        assert search_entrypoint(spec, remote, tmp_path, []).endswith(f"--out {remote}")
+    with pytest.raises(SearchmergeError, match="no filesystem for foo://"):
+        search_entrypoint(spec, "foo://b/r", tmp_path, [])
     with pytest.raises(ClusterError, match="vanish"):
         search_entrypoint(spec, "runs/a", tmp_path, [])
     with pytest.raises(ClusterError, match="outside the working dir"):
         search_entrypoint(spec, "/mnt/x", tmp_path / "experiments" / "nope", [])
 
 
-def test_a_remote_run_folder_is_one_clear_error_before_any_work():
+def test_an_unusable_run_folder_uri_is_one_clear_error_before_any_work():
     from searchmerge.search import search
 
-    with pytest.raises(ClusterError, match=r"not a s3:// URI .* --out /mnt/shared/runs/NAME"):
-        search(ROOT / "experiments" / "search-fixture.yaml", "s3://bucket/runs/x")
-    assert not (Path.cwd() / "s3:").exists()
+    with pytest.raises(SearchmergeError, match=r"^--out foo://bucket/runs/x: pyarrow has no filesystem .* /mnt/shared/runs/NAME"):
+        search(ROOT / "experiments" / "search-fixture.yaml", "foo://bucket/runs/x")
+    assert not (Path.cwd() / "foo:").exists()
 
 
 def test_an_autoscaling_cluster_is_asked_for_the_replicas_and_waited_for():
