@@ -112,7 +112,7 @@ def _reference(folder: Path, base: Path, images: list, labels: np.ndarray, names
 
 
 def test_clip_spec_loads_and_matches_reference(tiny_clip):
-    from searchmerge.bench.families import ZERO_SHOT_STATS
+    from searchmerge.bench.families.clip import ZERO_SHOT_STATS
 
     b = load_bench(tiny_clip)
     mp, tp = b.modelpool, b.taskpool
@@ -146,7 +146,7 @@ def test_clip_spec_loads_and_matches_reference(tiny_clip):
 
 
 def test_clip_zero_shot_heads_cached(tiny_clip, monkeypatch):
-    from searchmerge.bench import families
+    from searchmerge.bench.families import clip as families  # the module that holds the cache state
 
     monkeypatch.setattr(families, "_ZERO_SHOT", {})
     monkeypatch.setattr(families, "ZERO_SHOT_STATS", {"computed": 0, "memory_hits": 0, "disk_hits": 0})
@@ -176,7 +176,7 @@ def test_clip_zero_shot_heads_cached(tiny_clip, monkeypatch):
 
 
 def test_clip_class_names_errors(tiny_clip, monkeypatch):
-    from searchmerge.bench import families
+    from searchmerge.bench.families import clip as families  # the module that holds the cache state
 
     calls = []
     monkeypatch.setattr(families, "compute_text_heads", lambda *a, **k: calls.append(1))
@@ -223,7 +223,7 @@ def test_clip_leaderboard(tiny_clip, tmp_path):
 
 @pytest.mark.timeout(240)
 def test_clip_ray_path_equals_local(ray_session, tiny_clip):
-    from searchmerge.bench import families
+    from searchmerge.bench.families import clip as families  # the module that holds the cache state
 
     b = load_bench(tiny_clip)
     mp, tp = b.modelpool, b.taskpool
