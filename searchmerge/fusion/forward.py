@@ -2,8 +2,9 @@
 
 :class:`TaskLogits` holds the pool's backbone as ``self.backbone`` (parameter names = the pool's backbone
 state-dict keys, so ``"backbone." + key`` addresses a tensor for ``torch.func.functional_call``) and the
-task's own head; ``forward(batch)`` gives the logits the pool's evaluation takes the argmax of. Statistics
-passes hook or differentiate ``self.backbone`` only: heads are never merged.
+task's own head (none for causal-LM multiple choice: its logits are the choices' scores); ``forward(batch)``
+gives the family's logits, whose argmax the evaluation predicts. Statistics passes hook or differentiate
+``self.backbone`` only: heads are never merged.
 """
 
 from __future__ import annotations
@@ -34,36 +35,31 @@ class TaskLogits(nn.Module):
         self.task_model = task_model  # seqcls_task: the task's own HF model, sharing `backbone`
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
-        if self.task_model is not None:
-            mask = batch["attention_mask"]
-            n = int(mask.sum(1).max())  # drop all-padding columns, as the evaluation does
-            return self.task_model(input_ids=batch["input_ids"][:, :n], attention_mask=mask[:, :n]).logits
-        assert self.head is not None
-        return self.head(self.family.features(self.backbone, dict(batch)))
+        if self.task_model is not None:  # task-model folders: the architecture's own forward, as evaluated
+            return self.task_model(**task_inputs(self.family, dict(batch))).logits
+        return self.family.logits(self.backbone, self.head, dict(batch))
 
 
-def check_supported(pool: ModelPool) -> None:
-    """Data-driven fusion needs per-task logits: every family with heads (or task-model folders)."""
-    fam = pool.family
-    if not fam.needs_heads and not getattr(fam, "heads_from_folders", False):
-        raise BenchSpecError(
-            f"model pool family `{pool.spec.family}`: Fisher / RegMean / AdaMerging / ensembles need per-task "
-            f"logits from a classification head; this family has none — use a family with heads "
-            f"(seqcls_task, seqcls, image, mlp, clip)."
-        )
+def task_inputs(family: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A task-model family's forward kwargs (``input_ids`` + ``attention_mask`` without all-padding columns)."""
+    if hasattr(family, "model_inputs"):
+        return family.model_inputs(batch)
+    mask = batch["attention_mask"]
+    n = int(mask.sum(1).max())
+    return {"input_ids": batch["input_ids"][:, :n], "attention_mask": mask[:, :n]}
 
 
 def task_module(pool: ModelPool, backbone: Mapping[str, Tensor], task: str) -> TaskLogits:
-    """The pool's architecture with ``backbone`` weights and ``task``'s head, in eval mode, on CPU."""
-    check_supported(pool)
-    if task not in pool.heads:
+    """The pool's architecture with ``backbone`` weights and ``task``'s head (if any), in eval mode, on CPU."""
+    if pool.family.needs_heads and task not in pool.heads:
         raise BenchSpecError(f"task `{task}` has no head in the model pool (heads: {sorted(pool.heads)}).")
-    model = dataclasses.replace(pool.model(dict(backbone), name=f"fusion:{task}"), heads={task: pool.heads[task]})
+    heads = {task: pool.heads[task]} if task in pool.heads else {}
+    model = dataclasses.replace(pool.model(dict(backbone), name=f"fusion:{task}"), heads=heads)
     runner = model.runner()
     if getattr(pool.family, "heads_from_folders", False):
         mod = runner.module
         return TaskLogits(pool.family, mod.base, None, task, task_model=mod._tasks[task]).eval()
-    return TaskLogits(pool.family, runner.module, runner.heads[task], task).eval()
+    return TaskLogits(pool.family, runner.module, runner.heads.get(task), task).eval()
 
 
 def iter_batches(features: Mapping[str, np.ndarray], index: np.ndarray, batch_size: int,

@@ -80,8 +80,12 @@ class Family:
     def prefix_features(self, module: nn.Module, feats: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
         raise NotImplementedError(f"family `{self.name}` has no prefix cache")
 
+    def logits(self, module: nn.Module, head: nn.Module | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-class scores ``[B, C]`` (differentiable: the data-driven fusion passes use them)."""
+        return head(self.features(module, batch))
+
     def predict(self, module: nn.Module, head: nn.Module | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return head(self.features(module, batch)).argmax(-1)
+        return self.logits(module, head, batch).argmax(-1)
 
 
 

@@ -134,7 +134,8 @@ class CausalMCFamily(TransformersFamily):
                 ans[i, j, len(ids) - n_ans : len(ids)] = 1
         return {"input_ids": ids_arr, "attention_mask": att, "answer_mask": ans}
 
-    def predict(self, module: nn.Module, head: nn.Module | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logits(self, module: nn.Module, head: nn.Module | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each choice's summed answer log-likelihood ``[B, K]`` (-inf for padding choices)."""
         ids, att, ans = batch["input_ids"], batch["attention_mask"], batch["answer_mask"]
         b, k, L = ids.shape
         ids, att, ans = ids.reshape(b * k, L), att.reshape(b * k, L), ans.reshape(b * k, L)
@@ -143,4 +144,4 @@ class CausalMCFamily(TransformersFamily):
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         score = (logp * ans[:, 1:].to(logp.dtype)).sum(1)
         score = torch.where(valid, score, torch.full_like(score, float("-inf")))
-        return score.reshape(b, k).argmax(-1)
+        return score.reshape(b, k)
