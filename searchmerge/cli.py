@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-non-finite", action="store_true",
                    help="merge checkpoints holding NaN/±Inf (and write non-finite output) instead of refusing")
     p.add_argument("--heads", choices=["drop", "per_task"], default="drop",
-                   help="task-model folders (…ForSequenceClassification): leave their heads out (the output is the "
+                   help="task-model folders (…ForSequenceClassification, …ForImageClassification, ...): leave their heads out (the output is the "
                         "merged base model), or also write tasks/<model>/, each model's head on the merged backbone")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=_cmd_merge)

@@ -1,7 +1,12 @@
-"""Pixel preprocessing without PIL: images as nested lists / arrays -> normalised ``[N, 3, S, S]`` tensors."""
+"""Pixel preprocessing: images as nested lists / arrays -> normalised ``[N, 3, S, S]`` tensors.
+
+The project's own families preprocess without PIL; task-model folders (``image_task``) use their own
+image processor when they ship one (:func:`processor_pixels`).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,3 +71,51 @@ def clip_images_to_tensor(images: list[Any], size: int, mean: Any = CLIP_MEAN, s
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     sd = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return (x - m) / sd
+
+
+DEFAULT_TASK_IMAGE_SIZE = 224
+PROCESSOR_CHUNK = 256  # images per image-processor call (bounds the memory of the PIL path)
+
+
+def _as_hwc_arrays(images: list[Any]) -> tuple[list[np.ndarray], bool]:
+    """Images as ``H x W x 3`` arrays (uint8 when integer-valued) and whether they are in [0, 255].
+
+    One rule for the whole split, as :func:`images_to_tensor`: any value > 1.5 means [0, 255], else [0, 1].
+    """
+    chw = [_image_chw(im).numpy() for im in images]
+    is_255 = max(float(a.max()) for a in chw) > 1.5
+    out = []
+    for a in chw:
+        a = np.ascontiguousarray(np.transpose(a, (1, 2, 0)))
+        if is_255 and np.array_equal(a, np.round(a)) and a.min() >= 0 and a.max() <= 255:
+            a = a.astype(np.uint8)
+        out.append(a)
+    return out, is_255
+
+
+def processor_pixels(images: list[Any], folder: Path) -> np.ndarray:
+    """``pixel_values`` [N, 3, H, W] for a task-model folder's images.
+
+    With a ``preprocessor_config.json`` in ``folder``: that folder's own ``AutoImageProcessor`` (what plain
+    ``transformers`` users run; images in [0, 1] are passed with ``do_rescale=False``, as they are already
+    rescaled). Without one: bilinear resize to the config's ``image_size`` (else 224), ImageNet mean / std.
+    """
+    if not (folder / "preprocessor_config.json").is_file():
+        import json
+
+        cfg = json.loads((folder / "config.json").read_text())
+        return images_to_tensor(images, int(cfg.get("image_size") or DEFAULT_TASK_IMAGE_SIZE)).numpy()
+    from transformers import AutoImageProcessor
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "falling back to the PIL backend" is not the user's concern here
+    try:
+        proc = AutoImageProcessor.from_pretrained(str(folder))
+    finally:
+        hf_logging.set_verbosity(level)
+    arrays, is_255 = _as_hwc_arrays(images)
+    kw = {} if is_255 else {"do_rescale": False}
+    parts = [np.asarray(proc(arrays[s:s + PROCESSOR_CHUNK], return_tensors="np", **kw)["pixel_values"], np.float32)
+             for s in range(0, len(arrays), PROCESSOR_CHUNK)]
+    return np.concatenate(parts)

@@ -100,22 +100,22 @@ def load_modelpool(spec: ModelPoolSpec, task_names: list[str] | None = None) -> 
 
 
 def _load_task_model_pool(spec: ModelPoolSpec, task_names: list[str] | None) -> ModelPool:
-    """``seqcls_task``: backbone = base-model tensors; each task's head (and label count) from its own folder."""
+    """Task-model families: backbone = base-model tensors; each task's head (and label count) from its own folder."""
     from searchmerge.bench.families import get_family
-    from searchmerge.bench.task_models import load_task_model
 
     family = get_family(spec.family)
     if spec.heads:
+        alt = " or use family `seqcls` for mean-pooled linear heads" if spec.family == "seqcls_task" else ""
         raise BenchSpecError(
-            f"model pool `heads`: family `seqcls_task` reads each task's head from its fine-tuned folder; remove "
-            f"`heads` ({sorted(spec.heads)}) or use family `seqcls` for mean-pooled linear heads."
+            f"model pool `heads`: family `{spec.family}` reads each task's head from its fine-tuned folder; remove "
+            f"`heads` ({sorted(spec.heads)}){alt}."
         )
     if task_names is not None:
         missing = [t for t in task_names if t not in spec.finetuned]
         extra = [t for t in spec.finetuned if t not in task_names]
         if missing or extra:
             raise BenchSpecError(
-                f"model pool `finetuned`: family `seqcls_task` needs one fine-tuned folder per task; "
+                f"model pool `finetuned`: family `{spec.family}` needs one fine-tuned folder per task; "
                 f"tasks without one {missing}, folders without a task {extra}."
             )
     for label, rel in [("base", spec.base)] + [(f"fine-tuned `{t}`", p) for t, p in spec.finetuned.items()]:
@@ -125,9 +125,9 @@ def _load_task_model_pool(spec: ModelPoolSpec, task_names: list[str] | None) -> 
     def load(label: str, rel: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         p = spec.path(rel)
         try:
-            return load_task_model(p)
+            return family.load_task(p)
         except Exception as exc:  # noqa: BLE001
-            raise BenchSpecError(f"{label} model folder {p} does not load as a sequence-classification model: {exc}") from None
+            raise BenchSpecError(f"{label} model folder {p} does not load as a {family.kind} model: {exc}") from None
 
     config, base, _ = load("base", spec.base)
     finetuned, heads, task_configs = {}, {}, {}

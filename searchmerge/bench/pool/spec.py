@@ -3,10 +3,9 @@
 A bench spec YAML holds both::
 
     modelpool:
-      family: seqcls                # seqcls | causal_lm_mc | image | mlp | clip
+      family: seqcls_task           # seqcls_task | image_task | seqcls | causal_lm_mc | image | mlp | clip
       base: models/base             # local folder (relative paths resolve against the YAML's folder)
-      finetuned: {topic: models/ft_topic, lang: models/ft_lang}
-      heads: {topic: heads/topic.safetensors, lang: heads/lang.safetensors}
+      finetuned: {topic: models/ft_topic, lang: models/ft_lang}   # each with its own head
     taskpool:
       tasks:
         - name: topic
@@ -76,7 +75,7 @@ class TaskPoolSpec(BaseModel):
 
 class ModelPoolSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    family: Literal["seqcls", "seqcls_task", "causal_lm_mc", "image", "mlp", "clip"]
+    family: Literal["seqcls", "seqcls_task", "image_task", "causal_lm_mc", "image", "mlp", "clip"]
     base: str
     finetuned: dict[str, str] = Field(default_factory=dict)  # task name -> fine-tuned folder
     heads: dict[str, str] = Field(default_factory=dict)  # task name -> safetensors {weight, bias}
