@@ -92,7 +92,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     # every argument and the output folder are checked before any work (a zoo build takes minutes)
     check_spec_arg(args.spec)
     splits = _splits(args.splits)
-    entries = default_entries(sweep=() if args.no_sweep else _floats(args.sweep, "--sweep"))
+    entries = default_entries(sweep=() if args.no_sweep else _floats(args.sweep, "--sweep"), fusion=not args.no_fusion)
     if args.methods:
         entries = select_entries(entries, args.methods)
     check_output_dir(args.out, force=args.force)
@@ -134,6 +134,8 @@ def add_bench_commands(subparsers: argparse._SubParsersAction) -> None:  # type:
     p.add_argument("--methods", default="", help="comma-separated subset of rows/methods to run")
     p.add_argument("--sweep", default="0.1,0.5,0.7,1.0", help="extra task-arithmetic λ values")
     p.add_argument("--no-sweep", action="store_true", help="skip the task-arithmetic λ sweep")
+    p.add_argument("--no-fusion", action="store_true",
+                   help="skip the data-driven rows (fisher, regmean, adamerging_*, ensemble_*; docs/fusion.md)")
     p.add_argument("--backend", choices=("local", "ray"), default="local", help="evaluation path")
     p.add_argument("--num-actors", type=int, default=2, help="Ray Data actor pool size (--backend ray)")
     p.add_argument("--batch-size", type=int, default=64)

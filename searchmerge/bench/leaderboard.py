@@ -3,7 +3,10 @@
 Rows: the pretrained backbone (with the task heads), each fine-tuned model on its own task, simple
 average, task arithmetic (λ=0.3), TIES and DARE-TIES (FusionBench presets), the data-free methods
 registered at run time (``magmax``, ``model_stock``, ``iso_c``, ``tsv_m``), and a task-arithmetic λ
-sweep that shows how coefficient-sensitive merging is. Written atomically as Markdown, CSV and Parquet.
+sweep that shows how coefficient-sensitive merging is, and the data-driven rows (``kind="fusion"``, see
+:mod:`searchmerge.fusion.jobs`): Fisher merging and RegMean on 256 train examples per model, task- and
+layer-wise AdaMerging adapted on unlabelled validation batches, and prediction ensembles (evaluated, not
+merged: N forward passes per example). Written atomically as Markdown, CSV and Parquet.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class Entry:
     label: str
     method: str | None = None  # None: "pretrained" / "individual"
     parameters: dict[str, Any] = field(default_factory=dict)
+    kind: str = "merge"  # "fusion": a data-driven method of searchmerge.fusion.jobs (fisher, regmean, ...)
 
 
 FIXED: list[Entry] = [
@@ -39,14 +43,25 @@ FIXED: list[Entry] = [
 ]
 OPTIONAL = ["magmax", "model_stock", "iso_c", "tsv_m"]
 SWEEP_LAMBDAS = (0.1, 0.5, 0.7, 1.0)
+# AdaMerging on this project's 2-core budget: 200 steps at lr 5e-3 (FusionBench: 1000 at 1e-3; same λ travel)
+ADAMERGING = {"steps": 200, "lr": 5e-3}
+FUSION: list[Entry] = [
+    Entry("fisher", "fisher", {}, kind="fusion"),
+    Entry("regmean", "regmean", {}, kind="fusion"),
+    Entry("adamerging_task", "adamerging", {"granularity": "task", **ADAMERGING}, kind="fusion"),
+    Entry("adamerging_layer", "adamerging", {"granularity": "layer", **ADAMERGING}, kind="fusion"),
+    Entry("ensemble_simple", "ensemble", {"mode": "simple"}, kind="fusion"),
+    Entry("ensemble_max", "ensemble", {"mode": "max"}, kind="fusion"),
+]
 
 
-def default_entries(sweep: Sequence[float] = SWEEP_LAMBDAS) -> list[Entry]:
-    """The fixed recipes, plus the optional methods that are registered now, plus the λ sweep."""
+def default_entries(sweep: Sequence[float] = SWEEP_LAMBDAS, fusion: bool = True) -> list[Entry]:
+    """The fixed recipes, the optional methods registered now, the data-driven rows, then the λ sweep."""
     from searchmerge.methods.registry import list_methods
 
     registered = {m.name for m in list_methods()}
     out = list(FIXED) + [Entry(m, m) for m in OPTIONAL if m in registered]
+    out += list(FUSION) if fusion else []
     out += [Entry(f"task_arithmetic λ={lam:g}", "task_arithmetic", {"lambda": lam}) for lam in sweep if lam != 0.3]
     return out
 
@@ -75,12 +90,21 @@ def _merge(bench: Bench, entry: Entry) -> dict[str, Any]:
     return merge(recipe, base=mp.base, models=[mp.finetuned[n] for n in names])  # type: ignore[return-value]
 
 
-def run_entry(bench: Bench, entry: Entry, splits: Sequence[str], **eval_kwargs: Any) -> list[dict[str, Any]]:
-    """Run one job; one row per split: label, method, params, per-task metrics, average, times."""
+def run_entry(bench: Bench, entry: Entry, splits: Sequence[str], *, progress: bool = False,
+              **eval_kwargs: Any) -> list[dict[str, Any]]:
+    """Run one job; one row per split: label, method, params, per-task metrics, average, times.
+
+    ``progress``: show the statistics / adaptation passes of the data-driven rows."""
     mp, tp = bench.modelpool, bench.taskpool
     rows = []
     t0 = time.perf_counter()
-    if entry.method is None and entry.label == "individual":
+    stats_s, passes = 0.0, 1
+    if entry.kind == "fusion":
+        from searchmerge.fusion.jobs import run_fusion
+
+        job = run_fusion(bench, str(entry.method), entry.parameters, splits, progress=progress, **eval_kwargs)
+        results, merge_s, stats_s, passes = job["results"], job["merge_s"], job["stats_s"], job["forward_passes"]
+    elif entry.method is None and entry.label == "individual":
         merge_s = 0.0
         per_split: dict[str, dict[str, float]] = {s: {} for s in splits}
         for t in tp.names:
@@ -115,7 +139,9 @@ def run_entry(bench: Bench, entry: Entry, splits: Sequence[str], **eval_kwargs: 
             **{f"task:{t}": float(v) for t, v in per_task.items()},
             "average": float(sum(per_task.values()) / max(1, len(per_task))),
             "merge_s": round(merge_s, 3),
+            "stats_s": round(stats_s, 3),
             "time_s": round(total_s, 3),
+            "forward_passes": passes,
             "at_or_below_chance": ",".join(flagged),
         })
     return rows
@@ -132,14 +158,15 @@ def to_markdown(rows: list[dict[str, Any]], tasks: Sequence[str], splits: Sequen
     out = []
     for s in splits:
         out.append(f"### {s}\n")
-        out.append("| method | " + " | ".join(tasks) + " | **avg** | time (s) |")
-        out.append("|---|" + "---|" * (len(tasks) + 2))
+        out.append("| method | " + " | ".join(tasks) + " | **avg** | time (s) | of which statistics (s) | passes |")
+        out.append("|---|" + "---|" * (len(tasks) + 4))
         for r in rows:
             if r["split"] != s:
                 continue
             cells = [f"{100 * r[f'task:{t}']:.1f}" if f"task:{t}" in r else "–" for t in tasks]
             flag = f" ⚠ at/below chance: {r['at_or_below_chance']}" if r.get("at_or_below_chance") else ""
-            out.append(f"| {r['method']}{flag} | " + " | ".join(cells) + f" | **{100 * r['average']:.1f}** | {r['time_s']:.1f} |")
+            out.append(f"| {r['method']}{flag} | " + " | ".join(cells) + f" | **{100 * r['average']:.1f}** | "
+                       f"{r['time_s']:.1f} | {r.get('stats_s', 0.0):.1f} | {r.get('forward_passes', 1)} |")
         out.append("")
     return "\n".join(out)
 
@@ -152,10 +179,11 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path, tasks: Sequence[str]
     import pyarrow.parquet as pq
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    cols = ["method", "recipe", "parameters", "split"] + [f"task:{t}" for t in tasks] + ["average", "merge_s", "time_s", "at_or_below_chance"]
+    cols = ["method", "recipe", "parameters", "split"] + [f"task:{t}" for t in tasks] + ["average", "merge_s", "stats_s", "time_s", "forward_passes", "at_or_below_chance"]
     table = pa.table({c: [r.get(c) for r in rows] for c in cols})
     paths = {"md": out_dir / "leaderboard.md", "csv": out_dir / "leaderboard.csv", "parquet": out_dir / "leaderboard.parquet"}
-    md = (f"## {title}\n\nAccuracy (%) per task; time = merge + evaluation of all listed splits.\n\n" if title else "")
+    md = (f"## {title}\n\nAccuracy (%) per task; time = statistics / adaptation + merge + evaluation of all listed "
+          f"splits; passes = forward passes per example (an ensemble runs every model).\n\n" if title else "")
     md += to_markdown(rows, tasks, splits)
     _atomic_write(paths["md"], lambda p: p.write_text(md))
     _atomic_write(paths["csv"], lambda p: pcsv.write_csv(table, p))
@@ -180,6 +208,11 @@ def run_leaderboard(
     t0 = time.perf_counter()
     bench = pool_spec if isinstance(pool_spec, Bench) else load_bench(pool_spec)
     entries = list(entries) if entries is not None else default_entries()
+    for e in entries:  # a data-driven row's parameters are checked before any job runs
+        if e.kind == "fusion":
+            from searchmerge.fusion.jobs import resolve_params
+
+            resolve_params(str(e.method), e.parameters)
     out = Path(out_dir)
     tasks = bench.taskpool.names
     rows: list[dict[str, Any]] = []
@@ -190,7 +223,7 @@ def run_leaderboard(
 
         console = Console(stderr=True)
     for i, e in enumerate(entries):
-        new = run_entry(bench, e, splits, **eval_kwargs)
+        new = run_entry(bench, e, splits, progress=progress, **eval_kwargs)
         rows += new
         paths = write_tables(rows, out, tasks, splits, title=f"{bench.spec.name} leaderboard")
         if console is not None:

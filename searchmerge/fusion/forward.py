@@ -36,17 +36,8 @@ class TaskLogits(nn.Module):
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         if self.task_model is not None:  # task-model folders: the architecture's own forward, as evaluated
-            return self.task_model(**task_inputs(self.family, dict(batch))).logits
+            return self.task_model(**self.family.model_inputs(dict(batch))).logits
         return self.family.logits(self.backbone, self.head, dict(batch))
-
-
-def task_inputs(family: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A task-model family's forward kwargs (``input_ids`` + ``attention_mask`` without all-padding columns)."""
-    if hasattr(family, "model_inputs"):
-        return family.model_inputs(batch)
-    mask = batch["attention_mask"]
-    n = int(mask.sum(1).max())
-    return {"input_ids": batch["input_ids"][:, :n], "attention_mask": mask[:, :n]}
 
 
 def task_module(pool: ModelPool, backbone: Mapping[str, Tensor], task: str) -> TaskLogits:
