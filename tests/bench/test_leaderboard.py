@@ -10,7 +10,7 @@ from searchmerge.bench.leaderboard import FIXED, default_entries, run_leaderboar
 
 
 def test_leaderboard_fixture(fixture_bench, tmp_path):
-    res = run_leaderboard(fixture_bench, tmp_path / "lb", entries=default_entries(sweep=(1.0,)), progress=False)
+    res = run_leaderboard(fixture_bench, tmp_path / "lb", entries=default_entries(sweep=(1.0,), fusion=False), progress=False)
     rows = {(r["method"], r["split"]): r for r in res["rows"]}
     for e in FIXED:
         assert (e.label, "test") in rows and (e.label, "validation") in rows
