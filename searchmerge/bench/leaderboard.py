@@ -4,7 +4,7 @@ Rows: the pretrained backbone (with the task heads), each fine-tuned model on it
 average, task arithmetic (λ=0.3), TIES and DARE-TIES (FusionBench presets), the data-free methods
 registered at run time (``magmax``, ``model_stock``, ``iso_c``, ``tsv_m``), and a task-arithmetic λ
 sweep that shows how coefficient-sensitive merging is, and the data-driven rows (``kind="fusion"``, see
-:mod:`searchmerge.fusion.jobs`): Fisher merging and RegMean on 256 train examples per model, task- and
+:mod:`searchmerge.fusion.jobs`): Fisher merging, RegMean and RegMean++ on 256 train examples per model, task- and
 layer-wise AdaMerging adapted on unlabelled validation batches, and prediction ensembles (evaluated, not
 merged: N forward passes per example). Written atomically as Markdown, CSV and Parquet.
 """
@@ -48,6 +48,7 @@ ADAMERGING = {"steps": 200, "lr": 5e-3}
 FUSION: list[Entry] = [
     Entry("fisher", "fisher", {}, kind="fusion"),
     Entry("regmean", "regmean", {}, kind="fusion"),
+    Entry("regmean_plusplus", "regmean_plusplus", {}, kind="fusion"),
     Entry("adamerging_task", "adamerging", {"granularity": "task", **ADAMERGING}, kind="fusion"),
     Entry("adamerging_layer", "adamerging", {"granularity": "layer", **ADAMERGING}, kind="fusion"),
     Entry("ensemble_simple", "ensemble", {"mode": "simple"}, kind="fusion"),

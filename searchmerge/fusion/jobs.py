@@ -21,6 +21,7 @@ _STATS = {"examples": DEFAULT_EXAMPLES, "batch_size": DEFAULT_BATCH, "seed": 0, 
 PARAMS: dict[str, dict[str, Any]] = {
     "fisher": {**_STATS, "variant": "batch", "normalize": True, "epsilon": 1e-6},
     "regmean": {**_STATS, "alpha": 0.95},
+    "regmean_plusplus": {**_STATS, "alpha": 0.95},
     "ensemble": {"mode": "simple", "weights": None},
     "adamerging": {"granularity": "layer", "steps": 100, "lr": 1e-3, "init": 0.3, "batch_size": 16,
                    "clamp": False, "seed": 0, "split": "validation", "allow_test": False},
@@ -45,12 +46,12 @@ def resolve_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
              (d is None and isinstance(v, list))
         if not ok:
             raise BenchSpecError(f"`{method}` parameter `{k}` = {v!r}: expected {type(d).__name__ if d is not None else 'a list'}.")
-    if method == "regmean" and not 0.0 <= float(out["alpha"]) <= 1.0:
-        raise BenchSpecError(f"`regmean` parameter `alpha` = {out['alpha']!r} must lie in [0, 1] "
+    if method in ("regmean", "regmean_plusplus") and not 0.0 <= float(out["alpha"]) <= 1.0:
+        raise BenchSpecError(f"`{method}` parameter `alpha` = {out['alpha']!r} must lie in [0, 1] "
                              f"(FusionBench reduce_non_diagonal_ratio: 0.95 for CLIP, 0.6 for GPT-2).")
     if method == "fisher" and float(out["epsilon"]) <= 0:
         raise BenchSpecError(f"`fisher` parameter `epsilon` = {out['epsilon']!r} must be > 0.")
-    if method in ("fisher", "regmean"):
+    if method in ("fisher", "regmean", "regmean_plusplus"):
         _request(method, out).check()
     if method == "adamerging":
         from searchmerge.fusion.adamerging import AdaMergingConfig
@@ -90,6 +91,14 @@ def fusion_merge(bench: Bench, method: str, params: dict[str, Any], *, progress:
         transposed = {k: v for s in stats for k, v in s[1].get("transposed", {}).items()}
         state = regmean_merge(mp.base, models, [s[0] for s in stats], alpha=float(p["alpha"]),
                               transposed=transposed, exclude=p["exclude"])
+    elif method == "regmean_plusplus":
+        from searchmerge.bench.zoo.common import progress_bar
+        from searchmerge.fusion.regmean_pp import regmean_plusplus, step_count
+
+        with progress_bar(progress, "regmean++ (layer by layer)", step_count(bench)) as advance:
+            state = regmean_plusplus(bench, _request(method, p), alpha=float(p["alpha"]), exclude=p["exclude"],
+                                     advance=advance)
+        t1 = time.perf_counter()  # statistics and solves interleave: all counted as statistics
     elif method == "adamerging":
         from searchmerge.fusion.adamerging import AdaMergingConfig, adamerge
 

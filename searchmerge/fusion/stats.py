@@ -82,9 +82,14 @@ def linear_modules(backbone: nn.Module) -> dict[str, tuple[nn.Module, bool]]:
 
 @torch.no_grad()
 def gram_pass(module: TaskLogits, batches: Iterable[Mapping[str, Tensor]],
-              advance: Callable[[int], None] = lambda n: None) -> tuple[dict[str, Tensor], dict[str, bool]]:
-    """``({module: G = Σ_tokens xᵀx / tokens}, {module: transposed})`` for every linear layer of the backbone."""
+              advance: Callable[[int], None] = lambda n: None,
+              only: Iterable[str] | None = None) -> tuple[dict[str, Tensor], dict[str, bool]]:
+    """``({module: G = Σ_tokens xᵀx / tokens}, {module: transposed})`` for every linear layer of the backbone
+    (or just those named in ``only``)."""
     mods = linear_modules(module.backbone)
+    if only is not None:
+        keep = set(only)
+        mods = {n: v for n, v in mods.items() if n in keep}
     sums: dict[str, Tensor] = {}
     tokens: dict[str, int] = {}
 

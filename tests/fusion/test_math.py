@@ -88,3 +88,11 @@ def test_regmean_rejects_bad_alpha():
     base, models = _models(2)
     with pytest.raises(ValueError, match="alpha"):
         regmean_merge(base, models, [{}, {}], alpha=1.5)
+
+
+def test_regmean_pp_steps_in_depth_order():
+    from searchmerge.fusion.regmean_pp import steps
+
+    names = ["encoder.layer.1.q", "pooler.dense", "encoder.layer.0.q", "encoder.layer.0.k", "encoder.layer.10.q"]
+    assert steps(names) == [["encoder.layer.0.q", "encoder.layer.0.k"], ["encoder.layer.1.q"], ["encoder.layer.10.q"],
+                            ["pooler.dense"]]
