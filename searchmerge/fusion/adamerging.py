@@ -15,6 +15,7 @@ first so a name that contains another never takes its value) which ``searchmerge
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -179,3 +180,28 @@ def recipe_with_paths(bench: Bench, recipe: Any) -> Any:
     for m in data["models"]:
         m["model"] = str(mp.spec.path(mp.spec.finetuned[m["model"]]))
     return recipe_from_dict(data)
+
+
+def search_point(result: AdaMergingResult, names: list[str], layer_groups: int = 1) -> dict[str, Any]:
+    """AdaMerging's λ as a starting point of a recipe search (``points_to_evaluate``) over
+    ``task_arithmetic`` with ``granularity: per_model``, ``weight`` searched and ``lambda: 1.0``.
+
+    Task-wise: each model's λ. Layer-wise with ``layer_groups`` G: per model, the mean λ of the tensors
+    nearest each of the G depth knots (tensors outside the layers count at depth 0); G = 1: the mean λ.
+    """
+    from searchmerge.recipe import layer_fraction, layer_index
+
+    coef = result.coefficients
+    if coef.shape[1] == 1:
+        values: dict[str, Any] = {n: float(coef[i, 0]) for i, n in enumerate(names)}
+        return {"method": "task_arithmetic", "lambda": 1.0, "weight": values}
+    keys = [keys[0] for keys in result.groups]
+    layers = [i for i in (layer_index(k) for k in keys) if i is not None]
+    n_layers = max(layers) + 1 if layers else 1
+    knot = [int(math.floor(layer_fraction(k, n_layers) * (layer_groups - 1) + 0.5)) for k in keys]  # nearest, ties up
+    values = {}
+    for i, n in enumerate(names):
+        per_g = [[float(coef[i, j]) for j in range(len(keys)) if knot[j] == g] for g in range(layer_groups)]
+        means = [sum(v) / len(v) if v else float(coef[i].mean()) for v in per_g]
+        values[n] = means[0] if layer_groups == 1 else means
+    return {"method": "task_arithmetic", "lambda": 1.0, "weight": values}

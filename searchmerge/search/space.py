@@ -122,8 +122,10 @@ class Space:
     def point(self, user: dict[str, Any]) -> dict[str, Any]:
         """A full config from a user's starting point ``{method: ..., param: value, ...}``.
 
-        A value given for a per-model parameter applies to every model (and depth group); coordinates not
-        given take the declared default when it lies in the searched range, else the range's midpoint.
+        A value given for a per-model parameter applies to every model (and depth group); a mapping
+        ``{task: value}`` (or ``{task: [G values]}`` with ``layer_groups: G``) gives each model its own, clipped
+        to the searched range (e.g. AdaMerging's learned coefficients, :func:`searchmerge.fusion.adamerging.search_point`).
+        Coordinates not given take the declared default when it lies in the searched range, else the midpoint.
         """
         method = str(user.get(METHOD_KEY, self.methods[0]))
         if method not in self.methods:
@@ -132,12 +134,31 @@ class Space:
         unknown = [k for k in user if k != METHOD_KEY and k not in declared]
         if unknown:
             raise SearchSpecError(f"points_to_evaluate: {method} has no parameter(s) {unknown}; it declares {sorted(declared)}")
+        for k, v in user.items():
+            if isinstance(v, dict):
+                bad = sorted(set(v) - set(self.models))
+                if bad or not declared[k].per_model:
+                    why = f"unknown model(s) {bad}; models: {list(self.models)}" if bad else "it is not a per-model parameter"
+                    raise SearchSpecError(f"points_to_evaluate: {method}.{k} given per model, but {why}")
         out: dict[str, Any] = {METHOD_KEY: method} if len(self.methods) > 1 else {}
         for d in self.dims:
             p = {q.name: q for q in get_method(d.method).params}[d.param]
             v = user.get(d.param, p.default) if d.method == method else p.default
-            out[d.key] = _clip(d, v)
+            if isinstance(v, dict):
+                out[d.key] = _per_model(d, v.get(self.models[d.model]) if d.model is not None else None, p.default)
+            else:
+                out[d.key] = _clip(d, v)
         return out
+
+
+def _per_model(d: Dim, v: Any, default: Any) -> Any:
+    """One model's starting value (a G-list picks the dimension's depth group), clipped into the range."""
+    if isinstance(v, (list, tuple)):
+        v = v[d.group] if d.group is not None and len(v) > d.group else (sum(v) / len(v) if v else None)
+    if v is None or isinstance(v, bool) or d.choices is not None:
+        return _clip(d, default if v is None else v)
+    v = min(max(float(v), float(d.low)), float(d.high))  # type: ignore[arg-type]
+    return int(round(v)) if d.integer else v
 
 
 def _clip(d: Dim, v: Any) -> Any:
