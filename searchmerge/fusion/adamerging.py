@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from searchmerge.bench.pool import Bench, BenchSpecError
-from searchmerge.fusion.forward import PREFIX, TaskLogits, task_module
+from searchmerge.fusion.forward import PREFIX, TaskLogits, resolve_device, task_module
 
 Tensor = torch.Tensor
 GRANULARITIES = ("task", "layer")
@@ -42,8 +42,10 @@ class AdaMergingConfig:
     seed: int = 0
     split: str = "validation"
     allow_test: bool = False
+    device: str = "cpu"  # auto | cpu | cuda: where the task vectors and the forward passes live
 
     def check(self) -> None:
+        resolve_device(self.device)
         if self.granularity not in GRANULARITIES:
             raise BenchSpecError(f"adamerging granularity must be one of {list(GRANULARITIES)}, got {self.granularity!r}.")
         if self.steps < 1 or self.batch_size < 1:
@@ -134,15 +136,16 @@ def adamerge(bench: Bench, config: AdaMergingConfig, *, progress: bool = False) 
     names = [t for t in tp.names if t in mp.finetuned]
     tasks = [t for t in tp.names if t in mp.heads or not mp.family.needs_heads]
     torch.manual_seed(config.seed)
-    modules = {t: task_module(mp, mp.base, t) for t in tasks}
+    device = resolve_device(config.device)
+    modules = {t: task_module(mp, mp.base, t).to(device) for t in tasks}
     for m in modules.values():
         m.requires_grad_(False)
     groups = parameter_groups(next(iter(modules.values())))
     keys = [k for keys in groups for k in keys]
-    base = {k: mp.base[k].float() for k in keys}
-    deltas = [{k: (mp.finetuned[t][k].float() - base[k]) for k in keys} for t in names]
+    base = {k: mp.base[k].float().to(device) for k in keys}
+    deltas = [{k: (mp.finetuned[t][k].float().to(device) - base[k]) for k in keys} for t in names]
     width = 1 if config.granularity == "task" else len(groups)
-    lam = nn.Parameter(torch.full((len(names), width), float(config.init)))
+    lam = nn.Parameter(torch.full((len(names), width), float(config.init), device=device))
     opt = torch.optim.Adam([lam], lr=config.lr, betas=(0.9, 0.999))
     probe = mp.model(mp.base)
     feats = {t: task_features(probe, tp, t, config.split) for t in tasks}
@@ -154,16 +157,16 @@ def adamerge(bench: Bench, config: AdaMergingConfig, *, progress: bool = False) 
             opt.zero_grad()
             coef = lam.clamp(0.0, 1.0) if config.clamp else lam
             params = merged_params(base, deltas, coef, groups, config.granularity == "task")
-            loss = torch.zeros(())
+            loss = torch.zeros((), device=device)
             for t in tasks:
                 rows = next(streams[t])
-                batch = {k: torch.as_tensor(np.ascontiguousarray(v[rows])) for k, v in feats[t].items()}
+                batch = {k: torch.as_tensor(np.ascontiguousarray(v[rows])).to(device) for k, v in feats[t].items()}
                 loss = loss + entropy(functional_call(modules[t], params, (batch,)))
             loss.backward()
             opt.step()
             history.append(float(loss.detach()))
             advance(1)
-    final = (lam.detach().clamp(0.0, 1.0) if config.clamp else lam.detach()).clone()
+    final = (lam.detach().clamp(0.0, 1.0) if config.clamp else lam.detach()).cpu().clone()
     float_keys = [k for k, v in mp.base.items() if v.is_floating_point()]
     recipe = coefficients_recipe(names, final, groups, float_keys, config.granularity == "task")
     merged = merge(recipe, base=mp.base, models=[mp.finetuned[t] for t in names])

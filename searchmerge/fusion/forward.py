@@ -53,6 +53,17 @@ def task_module(pool: ModelPool, backbone: Mapping[str, Tensor], task: str) -> T
     return TaskLogits(pool.family, runner.module, runner.heads.get(task), task).eval()
 
 
+def resolve_device(device: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU; ``cuda`` without a GPU is refused before any work."""
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise BenchSpecError(f"device must be auto, cpu or cuda[:N], got {device!r}.")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchSpecError(f"device {device!r}: CUDA is not available here — use `cpu` (or `auto`).")
+    return torch.device(device)
+
+
 def iter_batches(features: Mapping[str, np.ndarray], index: np.ndarray, batch_size: int,
                  device: str | torch.device = "cpu") -> Iterator[dict[str, Tensor]]:
     """The rows ``index`` (in that order) as tensor batches of ``batch_size`` (the last one may be smaller)."""

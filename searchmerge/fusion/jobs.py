@@ -17,14 +17,16 @@ from searchmerge.bench.pool import Bench, BenchSpecError
 from searchmerge.fusion.stats import DEFAULT_BATCH, DEFAULT_EXAMPLES, StatsRequest, pool_statistics
 
 Tensor = torch.Tensor
-_STATS = {"examples": DEFAULT_EXAMPLES, "batch_size": DEFAULT_BATCH, "seed": 0, "split": "train", "exclude": []}
+_STATS = {"examples": DEFAULT_EXAMPLES, "batch_size": DEFAULT_BATCH, "seed": 0, "split": "train", "exclude": [],
+          "device": "cpu"}
 PARAMS: dict[str, dict[str, Any]] = {
     "fisher": {**_STATS, "variant": "batch", "normalize": True, "epsilon": 1e-6},
     "regmean": {**_STATS, "alpha": 0.95},
     "regmean_plusplus": {**_STATS, "alpha": 0.95},
     "ensemble": {"mode": "simple", "weights": None},
     "adamerging": {"granularity": "layer", "steps": 100, "lr": 1e-3, "init": 0.3, "batch_size": 16,
-                   "clamp": False, "seed": 0, "split": "validation", "allow_test": False},
+                   "clamp": False, "seed": 0, "split": "validation", "allow_test": False,
+                   "device": "cpu"},
 }
 
 
@@ -62,7 +64,8 @@ def resolve_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
 
 def _request(method: str, p: dict[str, Any]) -> StatsRequest:
     return StatsRequest("fisher" if method == "fisher" else "gram", examples=p["examples"], seed=p["seed"],
-                        batch_size=p["batch_size"], variant=p.get("variant", "batch"), split=p["split"])
+                        batch_size=p["batch_size"], variant=p.get("variant", "batch"), split=p["split"],
+                        device=p["device"])
 
 
 def members(bench: Bench) -> list[str]:

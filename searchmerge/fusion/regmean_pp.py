@@ -22,7 +22,7 @@ import torch
 
 from searchmerge.bench.pool import Bench
 from searchmerge.fusion.fisher import excluded
-from searchmerge.fusion.forward import iter_batches, task_module
+from searchmerge.fusion.forward import iter_batches, resolve_device, task_module
 from searchmerge.fusion.regmean import regmean_solve
 from searchmerge.fusion.stats import StatsRequest, example_index, gram_pass, linear_modules
 from searchmerge.recipe import layer_index
@@ -62,7 +62,8 @@ def regmean_plusplus(bench: Bench, request: StatsRequest, *, alpha: float, exclu
     for t in names:
         feats = task_features(probe, tp, t, request.split)
         data.append((feats, example_index(len(tp.tasks[t].splits[request.split]), request.examples, request.seed)))
-    modules = [task_module(mp, m, t) for m, t in zip(models, names)]
+    device = resolve_device(request.device)
+    modules = [task_module(mp, m, t).to(device) for m, t in zip(models, names)]
     lin = linear_modules(modules[0].backbone)
     todo = [n for n in lin if f"{n}.weight" in merged and not excluded(f"{n}.weight", exclude)]
     for group in steps(todo):
@@ -73,7 +74,7 @@ def regmean_plusplus(bench: Bench, request: StatsRequest, *, alpha: float, exclu
         for i, (module, (feats, idx)) in enumerate(zip(modules, data)):
             composite = {k: (models[i][k] if k in own else v) for k, v in merged.items()}
             module.backbone.load_state_dict(composite, strict=True)
-            g, _ = gram_pass(module, iter_batches(feats, idx, request.batch_size), only=group)
+            g, _ = gram_pass(module, iter_batches(feats, idx, request.batch_size, device), only=group)
             grams.append(g)
             advance(1, description=f"regmean++: {group[0].rsplit('.', 1)[0]} ({names[i]})")
         for n in group:

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from searchmerge.bench.pool import Bench, BenchSpecError
-from searchmerge.fusion.forward import TaskLogits, iter_batches, task_module
+from searchmerge.fusion.forward import TaskLogits, iter_batches, resolve_device, task_module
 
 Tensor = torch.Tensor
 KINDS = ("fisher", "gram")
@@ -195,6 +195,7 @@ class StatsRequest:
     batch_size: int = DEFAULT_BATCH
     variant: str = "batch"  # fisher only: batch | per_example
     split: str = "train"
+    device: str = "cpu"  # where the passes run (auto | cpu | cuda); statistics are always kept on CPU
     cache: str | None = None  # cache root (default: $SEARCHMERGE_CACHE or ~/.cache/searchmerge)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -207,6 +208,9 @@ class StatsRequest:
             raise BenchSpecError(f"examples must be a positive integer, got {self.examples!r}.")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise BenchSpecError(f"batch_size must be a positive integer, got {self.batch_size!r}.")
+        from searchmerge.fusion.forward import resolve_device
+
+        resolve_device(self.device)
         if self.split not in ("train", "validation"):
             raise BenchSpecError(
                 f"statistics split must be `train` (or `validation`), got {self.split!r}: data-driven merging "
@@ -266,8 +270,9 @@ def pool_statistics(bench: Bench, request: StatsRequest, *, progress: bool = Tru
         for t, feats, idx, parts in jobs:
             def compute(t: str = t, feats: Any = feats, idx: np.ndarray = idx) -> tuple[dict[str, Tensor], dict[str, Any]]:
                 advance(0, description=f"{request.kind} statistics: {t}")
-                module = task_module(mp, mp.finetuned[t], t)
-                batches = iter_batches(feats, idx, batch)
+                device = resolve_device(request.device)
+                module = task_module(mp, mp.finetuned[t], t).to(device)
+                batches = iter_batches(feats, idx, batch, device)
                 if request.kind == "fisher":
                     return fisher_pass(module, batches, advance), {"examples": int(len(idx))}
                 grams, transposed = gram_pass(module, batches, advance)

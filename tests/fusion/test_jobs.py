@@ -45,3 +45,14 @@ def test_bad_parameters_refused_before_work(fixture_bench, tmp_path, method, par
         run_leaderboard(fixture_bench, tmp_path / "lb", entries=[Entry("pretrained"), Entry("x", method, params, kind="fusion")],
                         progress=False)
     assert not (tmp_path / "lb").exists()
+
+
+def test_device_checked_before_work():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: `cuda` is valid here")
+    for method in ("fisher", "regmean", "adamerging"):
+        with pytest.raises(BenchSpecError, match="CUDA is not available"):
+            resolve_params(method, {"device": "cuda"})
+    assert resolve_params("regmean", {"device": "auto"})["device"] == "auto"
