@@ -34,7 +34,7 @@ GRANULARITIES = ("task", "layer")
 @dataclass(frozen=True)
 class AdaMergingConfig:
     granularity: str = "layer"
-    steps: int = 100
+    steps: int = 1000  # FusionBench (the paper's repository: 500)
     lr: float = 1e-3  # FusionBench / the paper: Adam, lr 1e-3, betas (0.9, 0.999)
     init: float = 0.3
     batch_size: int = 16

@@ -24,7 +24,7 @@ PARAMS: dict[str, dict[str, Any]] = {
     "regmean": {**_STATS, "alpha": 0.95},
     "regmean_plusplus": {**_STATS, "alpha": 0.95},
     "ensemble": {"mode": "simple", "weights": None},
-    "adamerging": {"granularity": "layer", "steps": 100, "lr": 1e-3, "init": 0.3, "batch_size": 16,
+    "adamerging": {"granularity": "layer", "steps": 1000, "lr": 1e-3, "init": 0.3, "batch_size": 16,
                    "clamp": False, "seed": 0, "split": "validation", "allow_test": False,
                    "device": "cpu"},
 }
