@@ -52,3 +52,21 @@ def test_fisher_and_gram_match_plain_transformers(tmp_path, arch):
                            alpha=0.9, transposed=transposed)
     assert all(merged[k].shape == mp.base[k].shape and torch.isfinite(merged[k]).all()
                for k in merged if merged[k].is_floating_point())
+
+
+def test_every_job_runs_on_bert_task_models(tmp_path, monkeypatch):
+    from searchmerge.fusion.adamerging import AdaMergingConfig, adamerge, recipe_with_paths
+    from searchmerge.fusion.jobs import run_fusion
+    from searchmerge.merge import merge
+
+    monkeypatch.setenv("SEARCHMERGE_CACHE", str(tmp_path / "cache"))
+    path, _ = _pool(tmp_path / "pool", "bert")
+    bench = load_bench(path)
+    for method, params in [("fisher", {"examples": 8, "batch_size": 4}), ("regmean", {"examples": 8}),
+                           ("regmean_plusplus", {"examples": 8}), ("adamerging", {"steps": 3, "batch_size": 4}),
+                           ("ensemble", {"mode": "max"})]:
+        job = run_fusion(bench, method, params, ["test"])
+        assert 0.0 <= job["results"]["test"]["average"] <= 1.0, method
+    res = adamerge(bench, AdaMergingConfig(granularity="layer", steps=2, batch_size=4))
+    out = merge(recipe_with_paths(bench, res.recipe))  # task-model folders: the backbone is merged
+    assert all(torch.equal(out[k], res.merged[k]) for k in res.merged)
