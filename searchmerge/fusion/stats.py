@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -197,7 +197,6 @@ class StatsRequest:
     split: str = "train"
     device: str = "cpu"  # where the passes run (auto | cpu | cuda); statistics are always kept on CPU
     cache: str | None = None  # cache root (default: $SEARCHMERGE_CACHE or ~/.cache/searchmerge)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         if self.kind not in KINDS:
@@ -261,7 +260,7 @@ def pool_statistics(bench: Bench, request: StatsRequest, *, progress: bool = Tru
             "data_file": hash_file(_data_path(bench, t, request.split)), "split": request.split,
             "inputs": hash_arrays({k: v[idx] for k, v in feats.items()}), "examples": int(len(idx)),
             "seed": request.seed, "batch_size": batch,
-            "variant": request.variant if request.kind == "fisher" else "", **request.extra,
+            "variant": request.variant if request.kind == "fisher" else "",
         }
         jobs.append((t, feats, idx, parts))
     out = []
