@@ -31,3 +31,14 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _release_ray_evaluators():
+    """A test's kept Ray evaluator (its actors hold CPUs) is closed after it, so the next test's actors fit."""
+    yield
+    import sys
+
+    mod = sys.modules.get("searchmerge.bench.evaluators")
+    if mod is not None:
+        mod.close_evaluators()

@@ -1,10 +1,14 @@
-"""Evaluate a :class:`BenchModel` on a task pool: in-process, or on a Ray Data actor pool; same metrics.
+"""Evaluate a :class:`BenchModel` on a task pool: in-process, or on long-lived Ray actors fed by Ray Data;
+same metrics.
 
 Both paths run the very same :class:`~searchmerge.bench.families.Runner` on the very same preprocessed
-arrays (tokenised / normalised once per task pool, family, base folder and split, then cached), in
-chunks of ``batch_size`` examples, and put each prediction back at its (task, index) before scoring.
-:func:`iter_evaluate` yields partial metrics after every chunk, so a search can drop a weak candidate
-early; :func:`evaluate` returns the final plain dict::
+arrays (tokenised / normalised once, cached on disk by what they depend on: :mod:`.features_cache`), in the
+same length-bucketed, task-interleaved chunk plan (:mod:`.chunks`), and put each prediction back at its
+(task, index) before scoring. The evaluators (:mod:`.evaluators`) are kept across calls: a repeated
+``evaluate`` on one pool copies the new weights into the already built model (and actors) instead of
+rebuilding them. :func:`iter_evaluate` yields partial metrics after every chunk — an unbiased estimate, as
+chunks interleave tasks — so a search can drop a weak candidate early; :func:`evaluate` returns the final
+plain dict::
 
     {"split": "test", "per_task": {"topic": 0.71, ...}, "average": 0.69, "n": 1800, "metric": {"topic": "accuracy"}}
 """
@@ -14,9 +18,8 @@ from __future__ import annotations
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-import torch
 
-from searchmerge.bench.families import BenchModel, Runner
+from searchmerge.bench.families import BenchModel
 from searchmerge.bench.metrics import get_metric
 from searchmerge.bench.pool import SPLITS, BenchSpecError, TaskPool
 
@@ -28,10 +31,13 @@ def task_features(model: BenchModel, taskpool: TaskPool, task: str, split: str) 
     """Preprocessed arrays for one task split (tokenised / normalised), computed once and cached."""
     from searchmerge.bench.families import get_family
 
+    from searchmerge.bench.families import MAX_TOKENS
+    from searchmerge.bench.features_cache import cached_preprocess
+
     key = (model.family, model.base_folder, task, split)
     cache = taskpool._features
     if key not in cache:
-        cache[key] = get_family(model.family).preprocess(taskpool.tasks[task], split, model.base_folder)
+        cache[key] = cached_preprocess(get_family(model.family), taskpool.tasks[task], split, model.base_folder, MAX_TOKENS)
     return cache[key]
 
 
@@ -68,14 +74,6 @@ def model_features(model: BenchModel, taskpool: TaskPool, tasks: Sequence[str], 
         for k in [k for k in cache if len(k) == 7 and k[-1] == old]:
             del cache[k]
     return out, ph
-
-
-def _chunks(taskpool: TaskPool, split: str, tasks: Sequence[str], batch_size: int) -> list[tuple[str, int, int]]:
-    out = []
-    for t in tasks:
-        n = len(taskpool.tasks[t].splits[split])
-        out += [(t, s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
-    return out
 
 
 class _Scorer:
@@ -133,27 +131,39 @@ def iter_evaluate(
     batch_size: int = 64,
     num_actors: int = 2,
     num_threads: int | None = None,
+    seed: int = 0,
 ) -> Iterator[dict[str, Any]]:
     """Yield running metrics after each chunk; the last item is the final result (with ``"metric"``)."""
     tasks = _check(taskpool, split, tasks)
     if backend not in ("local", "ray"):
         raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
-    feats_all, feats_key = model_features(model, taskpool, tasks, split)  # once (cached), before model work
-    chunks = _chunks(taskpool, split, tasks, batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    feats_all, _ = model_features(model, taskpool, tasks, split)  # once (cached), before model work
+    evaluator = evaluator_for(model, feats_all, tasks, backend, batch_size=batch_size, seed=seed,
+                              num_actors=num_actors, num_threads=num_threads)
+    evaluator.load(model.backbone)
     scorer = _Scorer(taskpool, split, tasks)
-    if backend == "local":
-        runner = model.runner()
-        for t, s, e in chunks:
-            feats = feats_all[t]
-            scorer.add(t, np.arange(s, e), runner.predict(t, {k: v[s:e] for k, v in feats.items()}))
-            yield scorer.report()
-    else:
-        stream = _ray_stream(model, taskpool, split, tasks, chunks, num_actors, num_threads or 1, feats_all, feats_key)
-        for batch in stream:
-            for t_i, idx, pred in zip(batch["task"], batch["idx"], batch["pred"]):
-                scorer.add(tasks[int(t_i)], np.asarray([idx]), np.asarray([pred]))
-            yield scorer.report()
+    for t, idx, pred in evaluator.iter_chunks():
+        scorer.add(t, idx, pred)
+        yield scorer.report()
     yield scorer.report(final=True)
+
+
+def evaluator_for(model: BenchModel, features: dict[str, dict[str, np.ndarray]], tasks: Sequence[str],
+                  backend: str = "local", *, batch_size: int = 64, seed: int = 0, num_actors: int = 2,
+                  num_threads: int | None = None) -> Any:
+    """The long-lived evaluator for this model's shape on these features (built once, reused across calls).
+
+    The key holds the feature arrays' identities; the evaluator keeps them alive, so an id is never reused."""
+    from searchmerge.bench.evaluators import LocalEvaluator, RayEvaluator, cached_evaluator, model_shape_key
+
+    key = (backend, model_shape_key(model), tuple(tasks), tuple(id(features[t]) for t in tasks), batch_size, seed,
+           num_actors if backend == "ray" else 0, num_threads)
+    if backend == "local":
+        return cached_evaluator(key, lambda: LocalEvaluator(model, features, tasks, batch_size, seed, num_threads))
+    return cached_evaluator(key, lambda: RayEvaluator(model, features, tasks, batch_size, seed, num_actors,
+                                                      num_threads or 1), ray_backed=True)
 
 
 def evaluate(model: BenchModel, taskpool: TaskPool, split: str = "test", **kwargs: Any) -> dict[str, Any]:
@@ -162,80 +172,3 @@ def evaluate(model: BenchModel, taskpool: TaskPool, split: str = "test", **kwarg
     for result in iter_evaluate(model, taskpool, split, **kwargs):
         pass
     return result
-
-
-# --- Ray Data path ------------------------------------------------------------------------------------
-
-
-class RayPredictor:
-    """``map_batches`` callable class: each actor builds the model once, holds the cached features."""
-
-    def __init__(self, model: Any, features: Any, tasks: list[str], num_threads: int = 1) -> None:
-        import ray
-
-        torch.set_num_threads(num_threads)
-        if isinstance(model, ray.ObjectRef):
-            model = ray.get(model)
-        if isinstance(features, ray.ObjectRef):
-            features = ray.get(features)
-        self.runner: Runner = model.runner()
-        self.features = features
-        self.tasks = tasks
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out_t, out_i, out_p = [], [], []
-        for t_i, s, e in zip(batch["task"], batch["start"], batch["stop"]):
-            t, s, e = self.tasks[int(t_i)], int(s), int(e)
-            feats = self.features[t]
-            out_p.append(self.runner.predict(t, {k: v[s:e] for k, v in feats.items()}))
-            out_i.append(np.arange(s, e, dtype=np.int64))
-            out_t.append(np.full(e - s, int(t_i), np.int64))
-        return {"task": np.concatenate(out_t), "idx": np.concatenate(out_i), "pred": np.concatenate(out_p)}
-
-
-_FEATURE_REFS: dict[tuple[Any, ...], Any] = {}
-
-
-def _features_ref(model: BenchModel, taskpool: TaskPool, split: str, tasks: list[str],
-                   feats: dict[str, dict[str, np.ndarray]], feats_key: str):  # noqa: ANN202
-    """The cached features of these tasks, put in the object store once per Ray session."""
-    import ray
-
-    session = ray.get_runtime_context().get_job_id()
-    key = (session, id(taskpool._features), model.family, model.base_folder, split, tuple(tasks), feats_key)
-    if key not in _FEATURE_REFS:
-        if len(_FEATURE_REFS) >= 8:  # keep the object store bounded
-            _FEATURE_REFS.pop(next(iter(_FEATURE_REFS)))
-        _FEATURE_REFS[key] = ray.put(feats)
-    return _FEATURE_REFS[key]
-
-
-def _ray_stream(
-    model: BenchModel, taskpool: TaskPool, split: str, tasks: list[str],
-    chunks: list[tuple[str, int, int]], num_actors: int, num_threads: int,
-    feats: dict[str, dict[str, np.ndarray]], feats_key: str,
-) -> Iterator[dict[str, np.ndarray]]:
-    import ray
-    import ray.data
-
-    if not ray.is_initialized():
-        raise RuntimeError("the Ray backend needs ray.init() first (tests: use the `ray_session` fixture).")
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    t_index = {t: i for i, t in enumerate(tasks)}
-    items = [{"task": t_index[t], "start": s, "stop": e} for t, s, e in chunks]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * num_actors)))
-    out = ds.map_batches(
-        RayPredictor,
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        batch_size=1,
-        batch_format="numpy",
-        fn_constructor_kwargs={
-            "model": ray.put(model),
-            "features": _features_ref(model, taskpool, split, tasks, feats, feats_key),
-            "tasks": tasks,
-            "num_threads": num_threads,
-        },
-        num_cpus=1,
-    )
-    yield from out.iter_batches(batch_size=None, batch_format="numpy")

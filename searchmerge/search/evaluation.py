@@ -7,41 +7,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from searchmerge.bench.chunks import chunk_features, plan_chunks, token_lengths  # noqa: F401  (re-exported)
 from searchmerge.bench.evaluate import _Scorer, model_features
-
-
-def plan_chunks(sizes: dict[str, int], batch_size: int, seed: int = 0,
-                lengths: dict[str, np.ndarray] | None = None) -> list[tuple[str, np.ndarray]]:
-    """``(task, indices)`` chunks of at most ``batch_size`` examples, in a seeded order that interleaves tasks
-    (the batches of all tasks ordered by their relative position), so every prefix covers each task in
-    proportion.
-
-    With ``lengths`` (tokens per example) each task's examples are **length-bucketed**: sorted by length
-    (ties in a seeded order) and cut into batches, so a batch pads to about its own length instead of the
-    longest text of a random draw (2.2-2.9x fewer padded tokens on the text zoo). The batches of a task are
-    then visited in a seeded shuffled order, so each example is equally likely to fall in any prefix: a
-    partial result stays an unbiased estimate of the final one (with some more variance than random
-    batches, as each batch is one length stratum)."""
-    rng = np.random.default_rng(seed)
-    keyed = []
-    for t, n in sizes.items():
-        perm = rng.permutation(n)
-        if lengths is not None:
-            perm = perm[np.argsort(np.asarray(lengths[t])[perm], kind="stable")]
-        parts = [perm[s:s + batch_size] for s in range(0, n, batch_size)]
-        if lengths is not None:
-            parts = [parts[j] for j in rng.permutation(len(parts))]
-        for j, idx in enumerate(parts):
-            keyed.append(((j + rng.random()) / len(parts), t, np.sort(idx)))
-    keyed.sort(key=lambda x: x[0])
-    return [(t, idx) for _, t, idx in keyed]
-
-
-def token_lengths(features: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
-    """Tokens per example for text features (``attention_mask``); ``None`` for fixed-size inputs."""
-    if not all("attention_mask" in f for f in features.values()):
-        return None
-    return {t: f["attention_mask"].sum(1) for t, f in features.items()}
 
 
 def build_eval_module(bench_model: Any, num_threads: int = 1, keep_base: bool = False,
@@ -89,10 +56,6 @@ def mean_task_vector_norm(base: dict[str, Any], finetuned: Sequence[dict[str, An
 
 def predict_chunk(module: Any, task: str, batch: dict[str, np.ndarray]) -> np.ndarray:
     return module._sm_runner.predict(task, batch)
-
-
-def chunk_features(features: dict[str, dict[str, np.ndarray]], task: str, idx: np.ndarray) -> dict[str, np.ndarray]:
-    return {k: v[idx] for k, v in features[task].items()}
 
 
 def exact_model(bench: Any) -> Any:

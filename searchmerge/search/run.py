@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from searchmerge.bench.evaluators import close_evaluators, free_cpus
 from searchmerge.cluster.connect import check_run_folder, connect, is_job_server, resolve_address
 from searchmerge.cluster.placement import driver_node, ensure_capacity, replica_nodes
 from searchmerge.io.remote import is_uri
@@ -143,6 +144,7 @@ def _search(spec: SearchSpec, out: Path, *, resume: bool, progress: bool, addres
     connect(address, num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed(spec))))
     if address:  # a cluster: an autoscaling one may have to start the worker nodes first
         ensure_capacity(spec.concurrency, spec.cpus_per_replica + 0.01, gpu=spec.device == "cuda")
+    close_evaluators(ray_only=True)  # an earlier evaluate(backend='ray') keeps actors (and their CPUs) alive
     check_cpus(spec, free_cpus(cpus_needed(spec)))
     from searchmerge.store import TaskVectorStore
 
@@ -201,19 +203,6 @@ TRIAL_CPUS = 0.01  # a trial process mostly waits on its replica's actor: a toke
 def cpus_needed(spec: SearchSpec) -> float:
     """Logical CPUs a search reserves: each replica (store + evaluator) and each concurrent trial process."""
     return spec.concurrency * (spec.cpus_per_replica + TRIAL_CPUS)
-
-
-def free_cpus(need: float, wait_s: float = 5.0) -> float:
-    """Ray's free CPUs, waiting up to ``wait_s`` for ``need`` of them: actors killed just before (an earlier
-    search's stores) hand their CPUs back a moment after ``ray.kill`` returns."""
-    import ray
-
-    deadline = time.time() + wait_s
-    while True:
-        free = ray.available_resources().get("CPU", 0.0)
-        if free + 1e-9 >= need or time.time() > deadline:
-            return free
-        time.sleep(0.1)
 
 
 def check_cpus(spec: SearchSpec, available: float) -> None:
