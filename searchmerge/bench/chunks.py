@@ -41,10 +41,11 @@ def plan_chunks(sizes: dict[str, int], batch_size: int, seed: int = 0,
 
 
 def token_lengths(features: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
-    """Tokens per example for text features (``attention_mask``); ``None`` for fixed-size inputs."""
+    """Tokens per example for text features (``attention_mask``, summed over every choice of a multiple-choice
+    example); ``None`` for fixed-size inputs."""
     if not all("attention_mask" in f for f in features.values()):
         return None
-    return {t: f["attention_mask"].sum(1) for t, f in features.items()}
+    return {t: f["attention_mask"].reshape(len(f["attention_mask"]), -1).sum(1) for t, f in features.items()}
 
 
 def chunk_features(features: dict[str, dict[str, np.ndarray]], task: str, idx: np.ndarray) -> dict[str, np.ndarray]:

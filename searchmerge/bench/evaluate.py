@@ -132,8 +132,11 @@ def iter_evaluate(
     num_actors: int = 2,
     num_threads: int | None = None,
     seed: int = 0,
+    device: str = "cpu",
 ) -> Iterator[dict[str, Any]]:
-    """Yield running metrics after each chunk; the last item is the final result (with ``"metric"``)."""
+    """Yield running metrics after each chunk; the last item is the final result (with ``"metric"``).
+
+    ``device`` (``cpu``, ``cuda``, ``cuda:1``): where the evaluation model runs (Ray actors then ask for a GPU)."""
     tasks = _check(taskpool, split, tasks)
     if backend not in ("local", "ray"):
         raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
@@ -141,7 +144,7 @@ def iter_evaluate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     feats_all, _ = model_features(model, taskpool, tasks, split)  # once (cached), before model work
     evaluator = evaluator_for(model, feats_all, tasks, backend, batch_size=batch_size, seed=seed,
-                              num_actors=num_actors, num_threads=num_threads)
+                              num_actors=num_actors, num_threads=num_threads, device=device)
     evaluator.load(model.backbone)
     scorer = _Scorer(taskpool, split, tasks)
     for t, idx, pred in evaluator.iter_chunks():
@@ -152,18 +155,18 @@ def iter_evaluate(
 
 def evaluator_for(model: BenchModel, features: dict[str, dict[str, np.ndarray]], tasks: Sequence[str],
                   backend: str = "local", *, batch_size: int = 64, seed: int = 0, num_actors: int = 2,
-                  num_threads: int | None = None) -> Any:
+                  num_threads: int | None = None, device: str = "cpu") -> Any:
     """The long-lived evaluator for this model's shape on these features (built once, reused across calls).
 
     The key holds the feature arrays' identities; the evaluator keeps them alive, so an id is never reused."""
     from searchmerge.bench.evaluators import LocalEvaluator, RayEvaluator, cached_evaluator, model_shape_key
 
     key = (backend, model_shape_key(model), tuple(tasks), tuple(id(features[t]) for t in tasks), batch_size, seed,
-           num_actors if backend == "ray" else 0, num_threads)
+           num_actors if backend == "ray" else 0, num_threads, device)
     if backend == "local":
-        return cached_evaluator(key, lambda: LocalEvaluator(model, features, tasks, batch_size, seed, num_threads))
+        return cached_evaluator(key, lambda: LocalEvaluator(model, features, tasks, batch_size, seed, num_threads, device))
     return cached_evaluator(key, lambda: RayEvaluator(model, features, tasks, batch_size, seed, num_actors,
-                                                      num_threads or 1), ray_backed=True)
+                                                      num_threads or 1, device=device), ray_backed=True)
 
 
 def evaluate(model: BenchModel, taskpool: TaskPool, split: str = "test", **kwargs: Any) -> dict[str, Any]:

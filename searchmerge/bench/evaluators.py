@@ -73,9 +73,10 @@ class LocalEvaluator:
     """The in-process evaluator: one built model, weights loaded in place per candidate."""
 
     def __init__(self, model: BenchModel, features: dict[str, dict[str, np.ndarray]], tasks: Sequence[str],
-                 batch_size: int = 64, seed: int = 0, num_threads: int | None = None) -> None:
+                 batch_size: int = 64, seed: int = 0, num_threads: int | None = None, device: str = "cpu") -> None:
         self.plan = _Plan(features, tasks, batch_size, seed)
         self.runner = model.runner()
+        self.runner.module.to(device)  # the batches follow the model's device (Runner.predict)
         self.num_threads = num_threads
 
     def load(self, backbone: dict[str, Any]) -> None:
@@ -96,13 +97,15 @@ class LocalEvaluator:
 class EvalActor:
     """One long-lived evaluation actor: the built model and the split's features, kept across calls."""
 
-    def __init__(self, model: Any, features: Any, chunks: list[Chunk], num_threads: int = 1) -> None:
+    def __init__(self, model: Any, features: Any, chunks: list[Chunk], num_threads: int = 1,
+                 device: str = "cpu") -> None:
         import ray
 
         torch.set_num_threads(num_threads)
         model = ray.get(model) if isinstance(model, ray.ObjectRef) else model
         self.features = ray.get(features) if isinstance(features, ray.ObjectRef) else features
         self.runner = model.runner()
+        self.runner.module.to(device)
         self.chunks = chunks
         self.busy_s = 0.0
 
@@ -177,7 +180,7 @@ class RayEvaluator:
 
     def __init__(self, model: BenchModel, features: dict[str, dict[str, np.ndarray]], tasks: Sequence[str],
                  batch_size: int = 64, seed: int = 0, num_actors: int = 2, num_threads: int = 1,
-                 num_cpus: float = 1.0) -> None:
+                 num_cpus: float = 1.0, device: str = "cpu") -> None:
         import ray
 
         if not ray.is_initialized():
@@ -191,9 +194,10 @@ class RayEvaluator:
         lengths = token_lengths({t: features[t] for t in tasks})
         costs = [len(i) * (float(lengths[t][i].max()) if lengths else 1.0) for t, i in self.plan.chunks]
         self.assignment = assign_actors(self.plan.chunks, costs, num_actors)
-        actor_cls = ray.remote(num_cpus=num_cpus)(EvalActor)
+        actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=1 if device.startswith("cuda") else 0)(EvalActor)
         model_ref, feats_ref = ray.put(model), ray.put({t: features[t] for t in tasks})
-        self.actors = [actor_cls.remote(model_ref, feats_ref, self.plan.chunks, num_threads) for _ in range(num_actors)]
+        self.actors = [actor_cls.remote(model_ref, feats_ref, self.plan.chunks, num_threads, device)
+                       for _ in range(num_actors)]
         ray.get([a.take_busy.remote() for a in self.actors])  # built: the constructor cost is not a call's
         for _ in self._stream([{"chunk": -1, "actor": 0}] * num_actors):  # start Ray Data's task workers now
             pass

@@ -45,14 +45,19 @@ def split_flops(predict: Callable[[str, dict[str, np.ndarray]], Any], features: 
     for t in tasks:
         f = features[t]
         n = len(next(iter(f.values())))
-        lengths = f["attention_mask"].sum(1) if "attention_mask" in f else np.zeros(n, np.int64)
-        first = {}
-        for i, n_tok in enumerate(lengths.tolist()):
-            first.setdefault(n_tok, i)
+        mask = f.get("attention_mask")
+        flat = mask is not None and mask.ndim == 2  # one sequence per example: cut it to its real length
+        if mask is None:
+            keys = [0] * n
+        else:
+            keys = mask.sum(1).tolist() if flat else [tuple(r) for r in mask.reshape(n, mask.shape[1], -1).sum(-1).tolist()]
+        first: dict[Any, int] = {}
+        for i, key in enumerate(keys):
+            first.setdefault(key, i)
         total = 0
-        for n_tok, count in Counter(lengths.tolist()).items():
-            i = first[n_tok]
-            row = {k: v[i:i + 1, :n_tok] if k in ("input_ids", "attention_mask") and n_tok else v[i:i + 1]
+        for key, count in Counter(keys).items():
+            i = first[key]
+            row = {k: v[i:i + 1, :key] if flat and k in ("input_ids", "attention_mask") else v[i:i + 1]
                    for k, v in f.items()}
             total += count * _count(lambda: predict(t, row))
         out[t] = total

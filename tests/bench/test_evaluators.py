@@ -135,3 +135,14 @@ def test_ray_evaluator_refuses_what_the_cluster_cannot_grant(ray_session, fixtur
     feats, _ = model_features(m, tp, tp.names, "test")
     with pytest.raises(SearchmergeError, match="needs num_actors 5"):
         RayEvaluator(m, feats, tp.names, num_actors=5)
+
+
+def test_task_model_runner_moves_its_heads(tmp_path):
+    """``.to()`` on a task-model runner (what the store does to put it on its GPU) moves every head with the base."""
+    from tests.bench.test_task_models import _pool
+
+    path, _ = _pool(tmp_path, "bert")
+    runner = load_bench(path).modelpool.model().runner()
+    runner.module.to(torch.float64)
+    for m in runner.module._tasks.values():
+        assert all(p.dtype == torch.float64 for p in m.parameters())

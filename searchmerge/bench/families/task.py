@@ -73,6 +73,14 @@ class TaskModelRunner(nn.Module):
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         return self.base.load_state_dict(*args, **kwargs)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "TaskModelRunner":  # type: ignore[override]
+        """``.to(device)`` / ``.half()`` move the heads too (they hang off the unregistered task models); the shared
+        base is reached twice, and moving a tensor already moved is a no-op."""
+        super()._apply(fn, recurse)
+        for m in self._tasks.values():
+            m._apply(fn, recurse)
+        return self
+
 
 class TaskModelFamily(Family):
     """Shared by the task-model families: folders load through ``auto_class``; heads come from the folders."""
