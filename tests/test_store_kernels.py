@@ -39,7 +39,7 @@ def _fused(c: Combine, taus, sparse, base, step: int) -> torch.Tensor:
         kernels.fused_combine_into(
             [x.numpy()[s0:e] for x in src], pattern[s0:e], [("none",) if s.dense is not None else s.op for s in sparse],
             c.weight, consensus=c.consensus, merge_func=c.merge_func, lambda_=c.lambda_, base=base.numpy()[s0:e],
-            out=out[s0:e],
+            out=out[s0:e], offset=s0, numel=m,
         )
     return torch.from_numpy(out)
 
@@ -161,3 +161,74 @@ def test_keep_pattern_bits(n):
     for i, m in enumerate(masks):
         want = np.ones(37, bool) if i == 1 else m.numpy()
         assert np.array_equal((p >> i) & 1 == 1, want)
+
+
+# --- torch's summation order (searchmerge/store/sumorder.py) --------------------------------------------
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("n", list(range(1, 34)))
+def test_sum_trees_are_torchs_stack_sum(n):
+    """The per-column and tail trees reproduce ``stack(xs).sum(dim=0)`` bit for bit, signed zeros included."""
+    from searchmerge.store.sumorder import plain_count, sum_tree, tree_eval
+
+    g = torch.Generator().manual_seed(n)
+    for c in (2, 3, 4, 5, 7, 8, 9, 31, 32, 33, 63, 100, 1000):
+        for trial in range(3):
+            v = torch.randn(n, c, generator=g) * torch.logspace(-4, 4, n).view(-1, 1)[torch.randperm(n, generator=g)]
+            if trial == 1:
+                v[torch.rand(n, c, generator=g) < 0.5] = -0.0
+            if trial == 2:
+                v[torch.rand(n, c, generator=g) < 0.7] = 0.0
+                v[torch.rand(n, c, generator=g) < 0.5] *= -1
+            want = v.sum(0)
+            pc, zero = plain_count(c), torch.zeros(())
+            got = torch.empty(c)
+            if pc:
+                got[:pc] = tree_eval(sum_tree(n, False), list(v[:, :pc]), zero)
+            if pc < c:
+                got[pc:] = tree_eval(sum_tree(n, True), list(v[:, pc:]), zero)
+            assert torch.equal(_bits(got), _bits(want)), (n, c, trial)
+
+
+@pytest.mark.parametrize("n", [1, 4, 5, 6, 9, 12, 17])
+@pytest.mark.parametrize("consensus,merge_func", [(None, "sum"), (None, "mean"), ("sum", "sum"), ("sum", "mean")])
+def test_merged_delta_bits_in_tail_columns(n, consensus, merge_func):
+    """With ``base=None`` nothing absorbs a last-bit difference: the kernels' merged delta equals ``combine``'s
+    bits in the per-column part and in the last ``numel % 32`` entries (where torch interleaves partial sums)."""
+    g = torch.Generator().manual_seed(100 + n)
+    weights = tuple(float(w) for w in torch.randn(n, generator=g))
+    c = Combine(weights, 0.37, consensus, merge_func)
+    for m in (2, 5, 8, 31, 33, 1000, 3001):
+        taus = [torch.randn(m, generator=g) * 10 ** float(torch.randint(-3, 3, (1,), generator=g)) for _ in range(n)]
+        for t in taus:
+            t[torch.rand(m, generator=g) < 0.3] = -0.0
+        want = combine(c, taus)
+        for step in (m, 7, 64):
+            out = np.empty(m, dtype=np.float32)
+            for s in range(0, m, step):
+                e = min(m, s + step)
+                kernels.fused_combine_into([t.numpy()[s:e] for t in taus], None, [("none",)] * n, c.weight,
+                                           consensus=consensus, merge_func=merge_func, lambda_=c.lambda_, base=None,
+                                           out=out[s:e], offset=s, numel=m)
+            assert torch.equal(_bits(torch.from_numpy(out)), _bits(want)), (m, step)
+        if consensus is None:  # task arithmetic: onto a base of -0.0, which keeps the merged delta's sign of zero
+            base = torch.full((m,), -0.0)
+            want_ta = base + want
+            out = np.empty(m, dtype=np.float32)
+            kernels.weighted_sum_into([t.numpy() for t in taus], weights, mean=merge_func == "mean", lambda_=0.37,
+                                      base=base.numpy(), out=out, threads=2)
+            assert torch.equal(_bits(torch.from_numpy(out)), _bits(want_ta)), m
+            from searchmerge.store.stages import weighted_sum_into
+
+            assert torch.equal(_bits(weighted_sum_into(c, base, taus, torch.empty(m), chunk=64)), _bits(want_ta)), m
+
+
+def test_one_entry_tensors_of_many_models_are_refused():
+    """torch sums a one-entry stack of 8+ rows as a contiguous row (another order): the kernels refuse it."""
+    x = [np.ones(1, dtype=np.float32)] * 8
+    with pytest.raises(ValueError, match="one-entry"):
+        kernels.weighted_sum_into(x, [1.0] * 8, mean=False, lambda_=1.0, base=x[0], out=np.empty(1, np.float32))

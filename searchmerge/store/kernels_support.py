@@ -2,6 +2,8 @@
 
 ``load(x, j)`` reads entry ``j`` as float32: float32 arrays as they are; bfloat16 carried as uint16 bit
 patterns widened exactly (a bfloat16 is the high half of a float32, so the widening is a shift and a bit cast).
+``absbits(x, j)`` is the uint32 bit pattern of ``|load(x, j)|``: for finite values it orders like ``|x|`` (the
+order statistics of :mod:`searchmerge.store.ranks` compare these integers instead of floats).
 """
 
 from __future__ import annotations
@@ -19,6 +21,17 @@ def _bits_to_float32(typingctx, bits):  # noqa: ANN001, ARG001
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ARG001
         return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _float32_to_bits(typingctx, value):  # noqa: ANN001, ARG001
+    """Reinterpret a float32 as uint32 (no conversion)."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ARG001
+        return builder.bitcast(args[0], ir.IntType(32))
 
     return sig, codegen
 
@@ -42,4 +55,26 @@ def _load_impl(x, j):  # noqa: ANN001
             return x[j]
 
         return read
+    return None
+
+
+def absbits(x, j):  # noqa: ANN001
+    """The bit pattern of ``|x[j]|`` widened to float32, as uint32 (pure-Python reference)."""
+    if x.dtype == np.uint16:
+        return np.uint32((int(x[j]) & 0x7FFF) << 16)
+    return np.uint32(int(np.asarray(x[j], dtype=np.float32).view(np.uint32)) & 0x7FFFFFFF)
+
+
+@overload(absbits, inline="always")
+def _absbits_impl(x, j):  # noqa: ANN001
+    if isinstance(x, types.Array) and x.dtype == types.uint16:
+        def widen(x, j):  # noqa: ANN001
+            return (np.uint32(x[j]) & np.uint32(0x7FFF)) << np.uint32(16)
+
+        return widen
+    if isinstance(x, types.Array) and x.dtype == types.float32:
+        def bits(x, j):  # noqa: ANN001
+            return _float32_to_bits(x[j]) & np.uint32(0x7FFFFFFF)
+
+        return bits
     return None

@@ -1,8 +1,8 @@
 """The per-tensor merge paths of a store shard, and the shard's cache.
 
 :class:`MergePaths` is mixed into :class:`~searchmerge.store.worker.ShardWorker`, which provides ``base`` and
-``taus`` (θ₀ and τ_i per tensor name), ``cache`` (an :class:`LRU`), ``unit_cache_fits``, ``chunk``,
-``n_layers`` and ``_sparse``. Each path gives the merge core's tensors (bit for bit for delta methods): the
+``taus`` (θ₀ and τ_i per tensor name), ``cache`` (an :class:`LRU`), ``order_stats`` (a dict), ``unit_cache_fits``,
+``chunk``, ``threads``, ``n_layers`` and ``_sparse``. Each path gives the merge core's tensors (bit for bit for delta methods): the
 generic path (the method's own per-tensor function), task arithmetic and the TIES family as fused passes,
 cached merged deltas for unit weights, and cached unit-scale results for ``final_scale`` methods.
 """
@@ -18,8 +18,9 @@ import torch
 
 from searchmerge.merge import DTYPES, merge_tensor, tensor_rng
 from searchmerge.recipe import Recipe, layer_fraction, resolve_params
-from searchmerge.store import kernels
+from searchmerge.store import kernels, ranks
 from searchmerge.store.stages import Combine, Sparse, Stage, combine, scale_add_into, split_gta, weighted_sum_into
+from searchmerge.store.sumorder import safe_chunks
 
 F32 = torch.float32
 
@@ -28,12 +29,14 @@ class LRU:
     """A byte-bounded least-recently-used cache that never evicts what the current trial already used.
 
     Plain LRU thrashes when one trial's masks do not all fit (every lookup misses); here an insertion that
-    would evict an entry of the current trial is dropped instead, so the part that fits keeps hitting.
+    would evict an entry of the current trial is dropped instead, so the part that fits keeps hitting. Entries
+    carry a priority: an insertion never evicts entries of a higher one (the unit-scale results of TSV-M / ISO-C,
+    seconds of SVDs each, stay while a search tries TIES densities whose entries cost one fused pass to rebuild).
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = int(capacity)
-        self.items: OrderedDict[Any, list] = OrderedDict()  # key -> [value, nbytes, epoch]
+        self.items: OrderedDict[Any, list] = OrderedDict()  # key -> [value, nbytes, epoch, priority]
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -52,17 +55,27 @@ class LRU:
         self.misses += 1
         return None
 
-    def put(self, key: Any, value: Any, nbytes: int) -> None:
+    def put(self, key: Any, value: Any, nbytes: int, priority: int = 0) -> None:
         if nbytes > self.capacity:
             return
         if key in self.items:
             self.bytes -= self.items.pop(key)[1]
-        while self.bytes + nbytes > self.capacity:
-            oldest = next(iter(self.items.values()))
-            if oldest[2] == self.epoch:
-                return  # full of this trial's entries: keep them, skip this one
-            self.bytes -= self.items.popitem(last=False)[1][1]
-        self.items[key] = [value, nbytes, self.epoch]
+        need = self.bytes + nbytes - self.capacity
+        if need > 0:
+            victims, freed = [], 0
+            for k, (_, size, epoch, prio) in self.items.items():  # oldest first; epochs never decrease along it
+                if epoch == self.epoch:
+                    break
+                if prio <= priority:
+                    victims.append(k)
+                    freed += size
+                    if freed >= need:
+                        break
+            if freed < need:
+                return  # only this trial's or more valuable entries left: keep them, skip this one
+            for k in victims:
+                self.bytes -= self.items.pop(k)[1]
+        self.items[key] = [value, nbytes, self.epoch, priority]
         self.bytes += nbytes
 
     def clear(self) -> None:
@@ -90,6 +103,10 @@ def _freeze(v: Any) -> Any:
     return tuple(_freeze(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
+#: cache priorities: rebuilt by a fused pass (masks, merged deltas, cut rules) < rebuilt by the method (SVDs, …)
+CHEAP, COSTLY = 0, 1
+
+
 class MergePaths:
     """Per-tensor merge paths (a mixin of :class:`~searchmerge.store.worker.ShardWorker`)."""
 
@@ -110,34 +127,146 @@ class MergePaths:
             return _deliver(out, dst)
         stage, comb = split
         taus = [self.taus[k][i] for i in sel]
+        fused = self._kernels_ok(base, len(taus))
         if stage.trivial and comb.consensus is None and taus:  # task arithmetic: fused, bandwidth-bound path
             target = _output(dst, base, out_dtype)
-            if self._zero_copy_kernel(base, taus, target):
-                kernels.weighted_sum_into(
-                    [kernels.as_kernel_array(t.reshape(-1)) for t in taus], comb.weight, mean=comb.merge_func == "mean",
-                    lambda_=comb.lambda_, base=base.reshape(-1).numpy(), out=target.detach().view(-1).numpy(),
-                )
+            if fused:
+                mean = comb.merge_func == "mean"
+                self._kernel_into(lambda vals, b, out, s, n: kernels.weighted_sum_into(
+                    vals, comb.weight, mean=mean, lambda_=comb.lambda_, base=b, out=out, offset=s, numel=n,
+                    threads=self.threads), taus, base, target)
             else:
-                weighted_sum_into(comb, base, taus, target)
+                weighted_sum_into(comb, base, taus, target, chunk=self.chunk * 4)
             return _deliver(target, dst)
+        if fused and self._rankable(k, stage, sel, taus):  # TIES / breadcrumbs trims: cut rules, no masks
+            return self._merge_ranked(k, stage, comb, taus, sel, base, dst, out_dtype)
         if not stage.trivial and all(w == 1.0 for w in comb.weight):
             key = ("combined", k, stage, comb.consensus, comb.merge_func, tuple(sel))
             if self.unit_cache_fits:  # all of this shard's merged deltas fit: else masks only (no crowding out)
                 return self._merge_unit_weights(key, k, stage, comb, taus, sel, base, dst, out_dtype)
         reprs = [Sparse(t.numel()) for t in taus] if stage.trivial else self._sparse(k, stage, sel)
-        if base.device.type == "cpu" and kernels.available() and len(taus) <= kernels.MAX_MODELS:
-            return self._merge_fused(comb, reprs, self._keep_pattern(k, stage, sel, reprs), taus, base, dst, out_dtype)
+        if fused:
+            target = _output(dst, base, out_dtype)
+            pattern = self._keep_pattern(k, stage, sel, reprs)
+            sources = [r.dense if r.dense is not None else t for r, t in zip(reprs, taus)]
+            ops = [("none",) if r.dense is not None else r.op for r in reprs]
+            self._combine_into(comb, sources, ops, base, target, pattern=pattern)
+            return _deliver(target, dst)
         target = _output(dst, base, out_dtype)
         flat = target.view(-1)
         b = base.reshape(-1)
-        n = b.numel()
         # sign election makes ~3x more passes per chunk than a weighted sum; plain sums amortise op overhead better
         step = self.chunk if comb.consensus is not None else self.chunk * 4
-        for s in range(0, n, step):
-            e = min(n, s + step)
+        for s, e in safe_chunks(b.numel(), step):  # torch's sum order stays that of the whole tensor
             merged = b[s:e].to(F32) + combine(comb, [r.chunk(t, s, e) for r, t in zip(reprs, taus)])
             flat[s:e].copy_(merged)
         return _deliver(target, dst)
+
+    # --- fused kernels --------------------------------------------------------------------------------
+
+    def _kernels_ok(self, base: torch.Tensor, n_models: int) -> bool:
+        """Whether the generated CPU kernels can merge this tensor (a one-entry tensor of 8+ models is summed by
+        torch in another order: it takes the torch path)."""
+        return (kernels.available() and base.device.type == "cpu" and 0 < n_models <= kernels.MAX_MODELS
+                and not (base.numel() == 1 and n_models >= 8))
+
+    def _kernel_into(self, run: Any, sources: Sequence[torch.Tensor], base: torch.Tensor | None,
+                     target: torch.Tensor) -> None:
+        """``run(vals, base, out, offset, numel)`` over the whole tensor zero-copy (float32 base and target, float32
+        or bfloat16 sources), or chunk by chunk on float32 copies; the same bits either way."""
+        flat_out = target.detach().view(-1)
+        flat_base = None if base is None else base.reshape(-1)
+        flat = [x.reshape(-1) for x in sources]
+        n = flat_out.numel()
+        whole = (flat_out.dtype == F32 and (flat_base is None or flat_base.dtype == F32)
+                 and len({x.dtype for x in flat}) == 1 and flat[0].dtype in (F32, torch.bfloat16))
+        if whole:
+            run([kernels.as_kernel_array(x) for x in flat], None if flat_base is None else flat_base.numpy(),
+                flat_out.numpy(), 0, n)
+            return
+        for s in range(0, n, self.chunk * 4):
+            e = min(n, s + self.chunk * 4)
+            out32 = torch.empty(e - s, dtype=F32)
+            run([x[s:e].to(F32).numpy() for x in flat], None if flat_base is None else flat_base[s:e].to(F32).numpy(),
+                out32.numpy(), s, n)
+            flat_out[s:e].copy_(out32)
+
+    def _combine_into(self, comb: Combine, sources: Sequence[torch.Tensor], ops: Sequence[tuple],
+                      base: torch.Tensor | None, target: torch.Tensor, *, pattern: np.ndarray | None = None,
+                      keeps: Sequence[tuple] | None = None) -> None:
+        """``target = base + combine(stage(τ))`` (``base=None``: the merged delta) in one fused CPU pass."""
+        def run(vals: list, b: Any, out: np.ndarray, s: int, n: int) -> None:
+            kernels.fused_combine_into(
+                vals, None if pattern is None else pattern[s:s + len(out)], ops, comb.weight,
+                consensus=comb.consensus, merge_func=comb.merge_func, lambda_=comb.lambda_, base=b, out=out,
+                keeps=keeps, offset=s, numel=n, threads=self.threads,
+            )
+
+        self._kernel_into(run, sources, base, target)
+
+    # --- TIES / breadcrumbs trims by order statistics ---------------------------------------------------
+
+    def _hist(self, k: str, i: int) -> ranks.Hist:
+        """Model ``i``'s magnitude histogram for tensor ``k``: built on first use (one pass), then kept."""
+        h = self.order_stats.get((k, i))
+        if h is None:
+            h = self.order_stats[(k, i)] = ranks.histogram(kernels.as_kernel_array(self.taus[k][i].reshape(-1)))
+        return h
+
+    def _rankable(self, k: str, stage: Stage, sel: Sequence[int], taus: Sequence[torch.Tensor]) -> bool:
+        """A magnitude trim (TIES per tensor or whole model, breadcrumbs) with no L1 rescale, on finite float32 or
+        bfloat16 task vectors: its kept entries follow from order statistics (:mod:`~searchmerge.store.ranks`)."""
+        if stage.random or stage.post_density is not None or not taus:
+            return False
+        if stage.thresholds is not None:
+            ok = stage.sparsification is None
+        else:
+            ok = stage.sparsification in ("magnitude", "magnitude_outliers") and stage.rescale in ("none", "inverse")
+        if not ok or len({t.dtype for t in taus}) != 1 or taus[0].dtype not in (F32, torch.bfloat16):
+            return False
+        return all(self._hist(k, i).finite for i in sel)
+
+    def _keeps(self, k: str, stage: Stage, sel: Sequence[int], taus: Sequence[torch.Tensor]) -> tuple[list, bool]:
+        """Each selected model's keep rule for tensor ``k`` (cached, a few bytes), and whether it was cached."""
+        key = ("keeps", k, stage, tuple(sel))
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit, True
+        n = taus[0].numel()
+        if stage.thresholds is not None:
+            keeps = [ranks.threshold_keep(t, n) for t in stage.thresholds]
+        else:
+            def one(m: int) -> tuple:
+                gamma = 0.01 if stage.gamma is None else stage.gamma[m]
+                return ranks.stage_keep(stage.sparsification, stage.density[m], gamma,
+                                        kernels.as_kernel_array(taus[m].reshape(-1)), self._hist(k, sel[m]))
+
+            keeps = kernels.map_threads(one, range(len(sel)), self.threads)
+        self.cache.put(key, keeps, 64 * len(keeps), CHEAP)
+        return keeps, False
+
+    def _merge_ranked(self, k: str, stage: Stage, comb: Combine, taus: list[torch.Tensor], sel: Sequence[int],
+                      base: torch.Tensor, dst: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        """A new density costs a rank lookup (one scan of each τ for its cut bin) plus one fused pass that applies
+        the cut rules; with unit weights a stage's second trial keeps its merged delta (then ``base + λ·cached``)."""
+        keeps, seen = self._keeps(k, stage, sel, taus)
+        ops = [("div", stage.density[m]) if stage.thresholds is None and stage.rescale == "inverse"
+               and stage.density[m] < 1 else ("none",) for m in range(len(sel))]
+        target = _output(dst, base, out_dtype)
+        if all(w == 1.0 for w in comb.weight) and self.unit_cache_fits:
+            key = ("combined", k, stage, comb.consensus, comb.merge_func, tuple(sel))
+            unscaled = self.cache.get(key)
+            if unscaled is None and seen:  # the stage's second trial: a λ search is under way, keep its delta
+                unscaled = torch.empty(base.shape, dtype=F32, device=base.device)
+                self._combine_into(replace(comb, lambda_=1.0), taus, ops, None, unscaled, keeps=keeps)
+                self.cache.put(key, unscaled, unscaled.numel() * unscaled.element_size(), CHEAP)
+            if unscaled is not None:
+                scale_add_into(base, unscaled, comb.lambda_, target)
+                return _deliver(target, dst)
+        self._combine_into(comb, taus, ops, base, target, keeps=keeps)
+        return _deliver(target, dst)
+
+    # --- cached results -------------------------------------------------------------------------------
 
     def _final_scale_cacheable(self, recipe: Recipe, base: torch.Tensor) -> bool:
         """A method whose result is ``f(…)·λ`` (declared ``final_scale``), in float32, with room to cache f."""
@@ -158,18 +287,10 @@ class MergePaths:
             b = base.to(F32)
             unscaled = spec(b, [self.taus[k][i].to(F32) for i in sel], {**params, scale: 1.0},
                             rng=tensor_rng(recipe.seed, k) if spec.uses_rng else None, stats=stats).to(F32)
-            self.cache.put(key, unscaled, unscaled.numel() * unscaled.element_size())
+            self.cache.put(key, unscaled, unscaled.numel() * unscaled.element_size(), COSTLY)
         target = _output(dst, base, out_dtype)
         scale_add_into(base, unscaled, float(params.get(scale, spec.param(scale).default)), target)
         return _deliver(target, dst)
-
-    @staticmethod
-    def _zero_copy_kernel(base: torch.Tensor, sources: Sequence[torch.Tensor], out: torch.Tensor) -> bool:
-        """Whether the numba kernels can read ``sources``/``base`` and write ``out`` in place: CPU, float32 base and
-        output, and inputs all float32 or all bfloat16."""
-        return (kernels.available() and base.device.type == "cpu" and base.dtype == F32 and out.dtype == F32
-                and out.is_contiguous() and len({x.dtype for x in sources}) == 1
-                and sources[0].dtype in (F32, torch.bfloat16) and len(sources) <= kernels.MAX_MODELS)
 
     def _keep_pattern(self, k: str, stage: Stage, sel: Sequence[int], reprs: Sequence[Sparse]) -> np.ndarray | None:
         """Which models keep each entry, one byte (word) per entry, cached beside the masks (``None``: all kept)."""
@@ -183,32 +304,6 @@ class MergePaths:
             self.cache.put(key, hit, hit.nbytes)
         return hit
 
-    def _merge_fused(self, comb: Combine, reprs: Sequence[Sparse], pattern: np.ndarray | None,
-                     taus: Sequence[torch.Tensor], base: torch.Tensor, dst: torch.Tensor | None,
-                     out_dtype: torch.dtype) -> torch.Tensor:
-        """``base + combine(stage(τ))`` in one fused CPU pass per chunk (:mod:`~searchmerge.store.kernels`): the
-        sign election with per-model weights at about the cost of a weighted sum. Float32 (and bfloat16 τ) are
-        passed whole, zero-copy; other dtypes are converted chunk by chunk."""
-        target = _output(dst, base, out_dtype)
-        flat_out, flat_base = target.detach().view(-1), base.reshape(-1)
-        sources = [r.dense.reshape(-1) if r.dense is not None else t.reshape(-1) for r, t in zip(reprs, taus)]
-        ops = [("none",) if r.dense is not None else r.op for r in reprs]
-        n = flat_base.numel()
-        whole = self._zero_copy_kernel(flat_base, sources, flat_out)  # else: float32 copies chunk by chunk
-        step = n if whole else self.chunk * 4
-        for s in range(0, n, max(step, 1)):
-            e = min(n, s + step)
-            out32 = flat_out[s:e] if whole else torch.empty(e - s, dtype=F32)
-            kernels.fused_combine_into(
-                [kernels.as_kernel_array(x[s:e]) if whole else x[s:e].to(F32).numpy() for x in sources],
-                None if pattern is None else pattern[s:e], ops, comb.weight,
-                consensus=comb.consensus, merge_func=comb.merge_func, lambda_=comb.lambda_,
-                base=flat_base[s:e].to(F32).numpy(), out=out32.numpy(),
-            )
-            if not whole:
-                flat_out[s:e].copy_(out32)
-        return _deliver(target, dst)
-
     def _merge_unit_weights(self, key: Any, k: str, stage: Stage, comb: Combine, taus: list[torch.Tensor],
                             sel: Sequence[int], base: torch.Tensor, dst: torch.Tensor | None,
                             out_dtype: torch.dtype) -> torch.Tensor:
@@ -220,8 +315,7 @@ class MergePaths:
             reprs = self._sparse(k, stage, sel, store=False)  # the combined entry replaces the masks
             unit = replace(comb, lambda_=1.0)
             unscaled = torch.empty(base.numel(), dtype=F32, device=base.device)
-            for s in range(0, base.numel(), self.chunk * 4):
-                e = min(base.numel(), s + self.chunk * 4)
+            for s, e in safe_chunks(base.numel(), self.chunk * 4):
                 unscaled[s:e] = combine(unit, [r.chunk(t, s, e) for r, t in zip(reprs, taus)])
             self.cache.put(key, unscaled, unscaled.numel() * unscaled.element_size())
         target = _output(dst, base, out_dtype)

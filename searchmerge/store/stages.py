@@ -20,6 +20,7 @@ import torch
 from searchmerge.methods import task_arithmetic as ta
 from searchmerge.methods.registry import MethodSpec
 from searchmerge.methods.sparsify import sparsify
+from searchmerge.store.sumorder import safe_chunks
 
 Tensor = torch.Tensor
 
@@ -166,38 +167,21 @@ def combine(c: Combine, sparse: Sequence[Tensor]) -> Tensor:
 
 
 def weighted_sum_into(
-    c: Combine, base: Tensor, taus: Sequence[Tensor], out: Tensor, *, chunk: int = 1 << 18
+    c: Combine, base: Tensor, taus: Sequence[Tensor], out: Tensor, *, chunk: int = 1 << 16
 ) -> Tensor:
-    """``out = base + λ·Σ w_i τ_i`` (÷ Σw for ``mean``) chunk by chunk into ``out``, with two scratch buffers.
+    """``out = base + λ·Σ w_i τ_i`` (÷ Σw for ``mean``) chunk by chunk into ``out`` (the torch path, where the
+    generated kernels do not run: no numba, another device, another dtype).
 
-    The same float32 operations in the same order as :func:`combine` (stack·w, sum over models, ÷, ·λ,
-    + base), so the bits are identical (tested), but with ~5 kernel calls per 256K-entry chunk and no
-    allocation per chunk: a task-arithmetic trial runs near memory bandwidth instead of op overhead.
+    Each chunk runs :func:`combine` (the core's own ops) on float32 views; :func:`~searchmerge.store.sumorder.
+    safe_chunks` keeps the columns where torch's ``sum(dim=0)`` changes its order in place, so the bits are the
+    whole tensor's (tested).
     """
     assert c.consensus is None
-    weights = torch.tensor(list(c.weight), dtype=torch.float32).tolist()  # rounded as combine rounds them
-    total = float(sum(c.weight))
-    divisor = (total if abs(total) >= 1e-8 else 1.0) if c.merge_func == "mean" else None
     flat_out, flat_base = out.view(-1), base.reshape(-1)
     flat_taus = [t.reshape(-1) for t in taus]
-    n = flat_base.numel()
-    step = min(chunk, max(n, 1))
-    acc = torch.empty(step, dtype=torch.float32, device=base.device)
-    tmp = torch.empty(step, dtype=torch.float32, device=base.device)
-    for s in range(0, n, step):
-        e = min(n, s + step)
-        a, t = acc[: e - s], tmp[: e - s]
-        for i, tau in enumerate(flat_taus):
-            x = tau[s:e] if tau.dtype == torch.float32 else tau[s:e].to(torch.float32)
-            if i == 0:
-                torch.mul(x, weights[0], out=a)
-            else:
-                torch.mul(x, weights[i], out=t)
-                a.add_(t)
-        if divisor is not None:
-            a.div_(divisor)
-        a.mul_(c.lambda_)
-        _add_base_into(flat_base, a, flat_out, s, e)
+    for s, e in safe_chunks(flat_base.numel(), chunk):
+        merged = combine(c, [t[s:e] if t.dtype == torch.float32 else t[s:e].to(torch.float32) for t in flat_taus])
+        _add_base_into(flat_base, merged, flat_out, s, e)
     return out
 
 

@@ -20,6 +20,7 @@ from searchmerge.errors import NonFiniteError
 from searchmerge.io.task_models import backbone_views
 from searchmerge.merge import DTYPES, check_finite, tensor_rng
 from searchmerge.recipe import Recipe, global_scalars
+from searchmerge.store import kernels, ranks
 from searchmerge.store.paths import LRU, MergePaths
 from searchmerge.store.stages import (
     Sparse,
@@ -85,7 +86,8 @@ class ShardWorker(MergePaths):
         res = DTYPES[residency_dtype]
         self.names = list(names)
         self.n_layers = n_layers
-        self.chunk = max(8, int(chunk_elems) // 8 * 8)
+        self.chunk = max(32, int(chunk_elems) // 32 * 32)  # torch's sum order moves at multiples of 32 entries
+        self.threads = max(1, int(threads))  # the fused kernels and rank scans split their work over these
         self.base: dict[str, torch.Tensor] = {}
         self.taus: dict[str, list[torch.Tensor]] = {}
         labels = list(labels) if labels is not None else ["the base model", *[f"models[{i}]" for i in range(len(models))]]
@@ -108,6 +110,7 @@ class ShardWorker(MergePaths):
             t.numel() * t.element_size() for k in self.names for t in [self.base[k], *self.taus[k]]
         )
         self.cache = LRU(cache_bytes)
+        self.order_stats: dict[tuple[str, int], Any] = {}  # (tensor, model) -> ranks.Hist, built on first use
         self.unit_cache_fits = 4 * sum(self.base[k].numel() for k in self.names) <= self.cache.capacity
         self.evaluator: torch.nn.Module | None = None
         self._ev_sd: dict[str, torch.Tensor] = {}
@@ -151,6 +154,7 @@ class ShardWorker(MergePaths):
             "cache_entries": len(self.cache.items),
             "cache_hits": self.cache.hits,
             "cache_misses": self.cache.misses,
+            "order_stats_bytes": sum(h.nbytes for h in self.order_stats.values()),
             "evaluator_bytes": ev_bytes,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "rss_anon_bytes": _rss_anon(),
@@ -213,6 +217,37 @@ class ShardWorker(MergePaths):
         hit = self.cache.get(key)
         if hit is not None:
             return hit
+        if stage.trivial and self._ranked_shard(sel):
+            out = self._trim_hist_ranked(sel, prefixes)
+        else:
+            out = self._trim_hist_torch(stage, sel, prefixes)
+        self.cache.put(key, out, out.nbytes)
+        return out
+
+    def _ranked_shard(self, sel: Sequence[int]) -> bool:
+        """Whether every tensor's τ can use the order statistics (CPU, numba, float32/bfloat16, finite)."""
+        return (kernels.available() and self.device.type == "cpu"
+                and all(self.taus[k][i].dtype in (F32, torch.bfloat16) and self._hist(k, i).finite
+                        for k in self.names for i in sel))
+
+    def _trim_hist_ranked(self, sel: Sequence[int], prefixes: Sequence[int | None] | None) -> np.ndarray:
+        """:meth:`trim_hist` from the per-tensor order statistics (phase 1 reads no τ) and one scan of each τ for
+        the selected bin (phase 2): a new whole-model density costs one pass, not a sort."""
+        bins = 1 << 15 if prefixes is None else 1 << 16
+        h = np.zeros((len(sel), bins), dtype=np.int64)
+
+        def one(m: int) -> None:
+            for k in self.names:
+                if prefixes is None:
+                    h[m] += self._hist(k, sel[m]).dense()
+                elif prefixes[m] is not None:
+                    ranks.low_histogram(kernels.as_kernel_array(self.taus[k][sel[m]].reshape(-1)), int(prefixes[m]),
+                                        h[m])
+
+        kernels.map_threads(one, range(len(sel)), self.threads)
+        return h
+
+    def _trim_hist_torch(self, stage: Stage, sel: Sequence[int], prefixes: Sequence[int | None] | None) -> np.ndarray:
         bins = 1 << 15 if prefixes is None else 1 << 16
         h = torch.zeros(len(sel), bins, dtype=torch.int64)
         for k in self.names:
@@ -225,9 +260,7 @@ class ShardWorker(MergePaths):
                 else:
                     lo = bits[(bits >> 16) == int(prefixes[i])] & 0xFFFF
                     h[i] += torch.bincount(lo.long(), minlength=bins).cpu()
-        out = h.numpy()
-        self.cache.put(key, out, out.nbytes)
-        return out
+        return h.numpy()
 
     def numel(self) -> int:
         return sum(self.base[k].numel() for k in self.names)

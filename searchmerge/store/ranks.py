@@ -1,0 +1,190 @@
+"""Magnitude order statistics of a task vector, so a new trim density costs a threshold lookup, not a sort.
+
+Why: TIES / breadcrumbs trim each τ to the entries of given magnitude ranks (``int(density·numel)`` of them, ties
+at the cut to the lower index, as ``sparsify.magnitude_mask`` / ``smallest_mask`` keep them). Re-selecting for
+every new density was a cold trial (``kthvalue`` + masks, seconds per 100M entries). Here each tensor of each
+model gets, once, a histogram of the high 16 bits of ``|τ|``'s float32 bit pattern (which orders like ``|τ|``
+for finite values). A rank query then finds its bin in the histogram and scans τ once for that bin's entries
+(≈ 0.2% of them) to get the exact cut value and, for ties at the cut, the index of the last entry kept. The
+result, a :data:`Keep`, says which entries survive — ``(a, j)`` compared with the cut — and the generated combine
+kernels apply it inside their one fused pass (no mask is materialised or cached).
+
+A :data:`Keep` is ``(kind, lc, lq, lr, uc, up)`` on ``a = absbits(τ_j)``:
+
+* ``all``: every entry;
+* ``lower``: ``a > lc  or  (a == lc and lq <= j <= lr)``;
+* ``band``: ``lower  and  (a < uc  or  (a == uc and j <= up))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+try:
+    import numba
+
+    from searchmerge.store.kernels_support import absbits
+except ImportError:  # pragma: no cover - the store falls back to the torch paths
+    numba = None
+
+Keep = tuple  # (kind, lc, lq, lr, uc, up)
+
+NONE_BITS = 0xFFFFFFFF  # above every finite |x| bit pattern
+FINITE_BINS = 0x7F80  # high 16 bits of +inf: finite |x| lie in bins below it
+ALL: Keep = ("all", 0, 0, 0, NONE_BITS, -1)
+NOTHING: Keep = ("lower", NONE_BITS, 0, -1, NONE_BITS, -1)
+
+
+@dataclass(frozen=True)
+class Hist:
+    """Histogram of the high 16 bits of ``|x|`` (nonzero bins only, ascending; ``cum``: entries up to each bin)."""
+
+    n: int
+    bins: np.ndarray  # uint16
+    cum: np.ndarray  # int64, cum[i] = number of entries whose bin <= bins[i]
+    finite: bool
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.bins.nbytes + self.cum.nbytes)
+
+    def dense(self) -> np.ndarray:
+        """Counts per bin over all 2^15 bins (int64), for the whole-model histograms."""
+        out = np.zeros(1 << 15, dtype=np.int64)
+        out[self.bins.astype(np.int64)] = np.diff(self.cum, prepend=0)
+        return out
+
+
+if numba is not None:
+
+    @numba.njit(cache=True, nogil=True, fastmath=False)
+    def _count_high(x, counts):  # noqa: ANN001, ANN202
+        for j in range(len(x)):
+            counts[absbits(x, j) >> np.uint32(16)] += 1
+
+    @numba.njit(cache=True, nogil=True, fastmath=False)
+    def _collect_bin(x, b, idx, lo):  # noqa: ANN001, ANN202
+        c = 0
+        for j in range(len(x)):
+            a = absbits(x, j)
+            if (a >> np.uint32(16)) == b:
+                idx[c] = j
+                lo[c] = a & np.uint32(0xFFFF)
+                c += 1
+        return c
+
+    @numba.njit(cache=True, nogil=True, fastmath=False)
+    def _count_low_in_bin(x, b, counts):  # noqa: ANN001, ANN202
+        for j in range(len(x)):
+            a = absbits(x, j)
+            if (a >> np.uint32(16)) == b:
+                counts[a & np.uint32(0xFFFF)] += 1
+
+
+def histogram(x: np.ndarray) -> Hist:
+    """One pass over ``x`` (float32, or bfloat16 as uint16 bit patterns)."""
+    counts = np.zeros(1 << 15, dtype=np.int64)
+    _count_high(x, counts)
+    nz = np.flatnonzero(counts)
+    return Hist(len(x), nz.astype(np.uint16), np.cumsum(counts[nz]), not counts[FINITE_BINS:].any())
+
+
+def low_histogram(x: np.ndarray, b: int, counts: np.ndarray) -> None:
+    """Add the low 16 bits of the entries of ``x`` in high-bit bin ``b`` into ``counts`` (65536 int64)."""
+    _count_low_in_bin(x, np.uint32(b), counts)
+
+
+def value_at(x: np.ndarray, hist: Hist, r: int) -> tuple[int, int, np.ndarray]:
+    """The ``r``-th smallest |x| (1-based) as bits, how many entries are smaller, and the (ascending) indices of
+    the entries equal to it: one scan of ``x`` for the entries of its bin."""
+    i = int(np.searchsorted(hist.cum, r))  # first bin whose cumulative count reaches r
+    before = int(hist.cum[i - 1]) if i > 0 else 0
+    size = int(hist.cum[i]) - before
+    b = int(hist.bins[i])
+    idx = np.empty(size, dtype=np.int64)
+    lo = np.empty(size, dtype=np.uint32)
+    found = _collect_bin(x, np.uint32(b), idx, lo)
+    if found != size:
+        raise RuntimeError(f"order statistics out of date: bin {b} holds {found} entries, the histogram says {size}")
+    r_in = r - before
+    c_lo = int(np.partition(lo, r_in - 1)[r_in - 1])
+    less = before + int(np.count_nonzero(lo < c_lo))
+    return (b << 16) | c_lo, less, idx[lo == c_lo]
+
+
+def largest_keep(x: np.ndarray, hist: Hist, k: int) -> Keep:
+    """The ``k`` largest |x| with ties at the cut to the lower index (``sparsify.magnitude_mask``)."""
+    n = hist.n
+    if k <= 0:
+        return NOTHING
+    if k >= n:
+        return ALL
+    c, less, eq = value_at(x, hist, n - k + 1)  # the k-th largest value
+    greater = n - less - len(eq)
+    return ("lower", c, 0, int(eq[k - greater - 1]), NONE_BITS, -1)
+
+
+def _smallest(x: np.ndarray, hist: Hist, m: int) -> tuple[int, int] | None:
+    """(c, p) with the ``m`` smallest |x| (ties to the lower index, ``sparsify.smallest_mask``) being
+    ``{a < c} ∪ {a == c, j <= p}``, for 0 < m < n."""
+    c, less, eq = value_at(x, hist, m)
+    return c, int(eq[m - less - 1])
+
+
+def band_keep(x: np.ndarray, hist: Hist, n_bot: int, m_top: int) -> Keep:
+    """Among the ``m_top`` smallest and not among the ``n_bot`` smallest (``sparsify.outlier_mask``)."""
+    n = hist.n
+    if n_bot <= 0:
+        lc, lq, lr = 0, 0, n  # every entry is "not among the 0 smallest"
+    elif n_bot >= n:
+        lc, lq, lr = NOTHING[1:4]
+    else:
+        c, p = _smallest(x, hist, n_bot)
+        lc, lq, lr = c, p + 1, n
+    if m_top >= n:
+        uc, up = NONE_BITS, -1
+    elif m_top <= 0:
+        uc, up = 0, -1
+    else:
+        uc, up = _smallest(x, hist, m_top)
+    return ("band", lc, lq, lr, uc, up)
+
+
+def threshold_keep(threshold: float, n: int) -> Keep:
+    """``|x| >= threshold`` (the whole-model trim's rule), for a threshold that is a float32 value >= 0."""
+    bits = int(np.array([threshold], dtype=np.float32).view(np.uint32)[0]) & 0x7FFFFFFF
+    return ("lower", bits, 0, n, NONE_BITS, -1)
+
+
+def stage_keep(method: str | None, density: float, gamma: float, x: np.ndarray, hist: Hist) -> Keep:
+    """What the stage keeps of one tensor: ``magnitude`` (TIES) or ``magnitude_outliers`` (breadcrumbs), with the
+    merge core's counts (``int(density·n)``, ``int(gamma·n)``)."""
+    n = hist.n
+    if method is None or density >= 1:
+        return ALL
+    if method == "magnitude":
+        return largest_keep(x, hist, int(density * n))
+    if method == "magnitude_outliers":
+        target = int(density * n)
+        n_top = int(gamma * n)
+        n_bot = n - target - n_top
+        if n_bot < 0:
+            n_top += n_bot
+            n_bot = 0
+        return band_keep(x, hist, n_bot, n - n_top)
+    raise ValueError(f"no order-statistics keep rule for {method!r}")
+
+
+def keep_mask(x: np.ndarray, keep: Keep, start: int = 0) -> np.ndarray:
+    """The boolean mask a :data:`Keep` selects (reference implementation for tests; numpy, not fused)."""
+    a = (x.astype(np.uint32) & 0x7FFF) << 16 if x.dtype == np.uint16 else x.view(np.uint32) & 0x7FFFFFFF
+    j = np.arange(start, start + len(x), dtype=np.int64)
+    kind, lc, lq, lr, uc, up = keep
+    if kind == "all":
+        return np.ones(len(x), dtype=bool)
+    out = (a > lc) | ((a == lc) & (j >= lq) & (j <= lr))
+    if kind == "band":
+        out &= (a < uc) | ((a == uc) & (j <= up))
+    return out

@@ -1,0 +1,266 @@
+"""A new trim density costs a threshold lookup plus one fused pass, and gives the merge core's bits (ties included)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from searchmerge.methods.sparsify import magnitude_mask, outlier_mask, sparsify
+from searchmerge.store import kernels, ranks
+from searchmerge.store.stages import Combine, combine
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba not installed")
+
+DENSITIES = [1e-4, 0.01, 0.1, 0.2, 0.3333, 0.5, 0.77, 0.9, 0.999, 1.0]
+
+
+def _awkward(n: int, kind: int, g: torch.Generator) -> torch.Tensor:
+    """Task-vector-like values: continuous, heavy magnitude ties with signed zeros, bf16-rounded, mixed."""
+    if kind == 0:
+        return torch.randn(n, generator=g) * 0.01
+    if kind == 1:
+        return torch.randint(-5, 6, (n,), generator=g).float() * 0.125
+    if kind == 2:
+        return (torch.randn(n, generator=g) * 0.01).to(torch.bfloat16).float()
+    x = torch.randn(n, generator=g)
+    x[::3] = 0.0
+    x[1::7] = -0.0
+    x[2::5] = -1.5
+    x[4::11] = 1.5
+    return x
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    return kernels.as_kernel_array(t)
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2, 3])
+def test_keep_rules_equal_the_core_masks(kind):
+    """Per-tensor top-k (TIES) and breadcrumbs' band, from the histogram + one bin scan, equal sparsify's masks."""
+    g = torch.Generator().manual_seed(kind)
+    for n in (1, 2, 7, 64, 1000, 4099):
+        x = _awkward(n, kind, g)
+        for t in (x, x.to(torch.bfloat16)) if kind == 2 else (x,):
+            arr = _array(t)
+            hist = ranks.histogram(arr)
+            assert hist.n == n and hist.finite and int(hist.cum[-1]) == n
+            for d in DENSITIES:
+                want = magnitude_mask(t.float(), d).bool().numpy()
+                assert (ranks.keep_mask(arr, ranks.stage_keep("magnitude", d, 0.0, arr, hist)) == want).all(), (n, d)
+                for gamma in (0.0, 0.01, 0.05, 0.3):
+                    want = outlier_mask(t.float(), d, gamma).bool().numpy()
+                    got = ranks.keep_mask(arr, ranks.stage_keep("magnitude_outliers", d, gamma, arr, hist))
+                    assert (got == want).all(), (n, d, gamma)
+
+
+def test_non_finite_values_are_flagged():
+    x = torch.tensor([0.1, float("inf"), -0.2])
+    assert not ranks.histogram(x.numpy()).finite
+    assert ranks.histogram(torch.tensor([0.1, -0.2]).numpy()).finite
+
+
+def test_threshold_rule_is_the_whole_model_compare():
+    g = torch.Generator().manual_seed(5)
+    x = _awkward(5000, 3, g)
+    for thr in (0.0, 0.5, 1.5, float(x.abs().max()), 7.0):
+        got = ranks.keep_mask(x.numpy(), ranks.threshold_keep(thr, 5000))
+        assert (got == (x.abs() >= thr).numpy()).all(), thr
+
+
+def _core(c: Combine, method: str, taus, densities, rescale, base, gamma=0.01):
+    sparse = [sparsify(t, method=method, density=d, rescale=rescale, gamma=gamma) for t, d in zip(taus, densities)]
+    return base + combine(c, sparse)
+
+
+def _fused(c: Combine, method: str, taus, densities, rescale, base, *, gamma=0.01, step=None, threads=1,
+           based=True):
+    m = base.numel()
+    arrays = [_array(t) for t in taus]
+    keeps = [ranks.stage_keep(method, d, gamma, a, ranks.histogram(a)) for a, d in zip(arrays, densities)]
+    ops = [("div", d) if rescale == "inverse" and d < 1 else ("none",) for d in densities]
+    out = np.empty(m, dtype=np.float32)
+    step = step or m
+    for s in range(0, m, step):
+        e = min(m, s + step)
+        kernels.fused_combine_into(
+            [a[s:e] for a in arrays], None, ops, c.weight, consensus=c.consensus, merge_func=c.merge_func,
+            lambda_=c.lambda_, base=base.numpy()[s:e] if based else None, out=out[s:e], keeps=keeps, offset=s, numel=m,
+            threads=threads,
+        )
+    return torch.from_numpy(out)
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize("n_models", [1, 2, 4, 5])
+@pytest.mark.parametrize("consensus,merge_func", [(None, "sum"), ("sum", "sum"), ("sum", "mean"), ("sum", "max"),
+                                                  (None, "mean")])
+def test_fused_pass_with_cuts_is_bit_identical_to_core(n_models, consensus, merge_func):
+    g = torch.Generator().manual_seed(n_models)
+    m = 3001
+    taus = [_awkward(m, i % 4, g) for i in range(n_models)]
+    if n_models >= 2:
+        taus[1][3::29] = -taus[0][3::29]  # exact cancellations in the sign election
+    base = torch.randn(m, generator=g)
+    weights = tuple([0.7, 1.3, -0.4, 1.0, 0.25][:n_models])
+    c = Combine(weights, 0.37, consensus, merge_func)
+    for method in ("magnitude", "magnitude_outliers"):
+        for rescale in ("none", "inverse"):
+            for d in (0.05, 0.3, 0.5, 0.9, 1.0):
+                densities = [d, 1.0, 0.2, 0.6, d][:n_models]
+                want = _core(c, method, taus, densities, rescale, base, gamma=0.05)
+                for step, threads in ((None, 1), (1000, 1), (7, 1), (None, 2)):
+                    got = _fused(c, method, taus, densities, rescale, base, gamma=0.05, step=step, threads=threads)
+                    assert _bits_equal(got, want), (method, rescale, d, step, threads)
+
+
+def test_merged_delta_alone_and_bfloat16_inputs():
+    """``base=None`` writes ``combine(…)·λ`` (what the unit-weight cache holds); bf16 τ are widened exactly."""
+    g = torch.Generator().manual_seed(11)
+    m = 2000
+    taus = [_awkward(m, 2, g).to(torch.bfloat16) for _ in range(3)]
+    c = Combine((1.0, 1.0, 1.0), 1.0, "sum", "sum")
+    want = combine(c, [sparsify(t.float(), method="magnitude", density=0.3) for t in taus])
+    got = _fused(c, "magnitude", taus, [0.3] * 3, "none", torch.zeros(m), based=False)
+    assert _bits_equal(got, want)
+
+
+def test_threads_split_in_aligned_pieces():
+    for n, t in ((10, 2), (1 << 17, 2), ((1 << 17) + 5, 2), (10**6, 3), (0, 2)):
+        pieces = kernels.split(n, t)
+        assert pieces[0][0] == 0 and pieces[-1][1] == n and len(pieces) <= max(1, t)
+        assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+        assert all(s % 64 == 0 for s, _ in pieces)
+
+
+# --- the store: a new density every trial --------------------------------------------------------------
+
+MODELS = ["a", "b", "c", "d", "e"]
+
+
+def _tied_zoo(n_models: int = 5, dtype: torch.dtype = torch.float32):
+    """Five fine-tunes whose task vectors repeat magnitudes exactly (multiples of 1/32, many zeros) or are
+    continuous, with tensors big enough to split across threads and sizes that leave a tail for torch's sum."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"embed.weight": (10, 6), "layers.0.w": (6, 6), "layers.0.b": (6,), "layers.1.w": (33, 7),
+              "layers.1.b": (1,), "big.w": (140_001,)}
+    base = {k: torch.round(torch.randn(s, generator=g) * 64) / 64 for k, s in shapes.items()}
+    models = []
+    for i in range(n_models):
+        if i % 2 == 0:
+            m = {k: v + torch.round(torch.randn(v.shape, generator=g) * 4) / 32 for k, v in base.items()}
+        else:
+            m = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        models.append(m)
+    base["position_ids"] = torch.arange(10)
+    for m in models:
+        m["position_ids"] = torch.arange(10)
+    cast = lambda sd: {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}  # noqa: E731
+    return cast(base), [cast(m) for m in models]
+
+
+def _recipe(method: str, density, weights=None, **params):
+    from searchmerge.recipe import recipe_from_dict
+
+    dens = density if isinstance(density, list) else [density] * len(MODELS)
+    models = []
+    for i, name in enumerate(MODELS):
+        mp = {"density": dens[i]}
+        if weights is not None:
+            mp["weight"] = weights[i]
+        models.append({"model": name, "parameters": mp})
+    return recipe_from_dict({"method": method, "base_model": "base", "models": models, "seed": 7,
+                             "parameters": {"lambda": 0.8, **params}})
+
+
+#: (method, extra parameters, per-model weights or None)
+STORE_CASES = [
+    ("ties", {"merge_func": "sum"}, None),
+    ("ties", {"merge_func": "mean"}, [0.7, 0.4, 1.1, -0.3, 0.9]),
+    ("ties", {"merge_func": "sum", "trim_scope": "model"}, None),
+    ("ties", {"merge_func": "max", "trim_scope": "model"}, [0.7, 0.4, 1.1, 0.2, 0.9]),
+    ("ties", {"merge_func": "sum", "rescale": "inverse"}, [0.7, 0.4, 1.1, 0.2, 0.9]),
+    ("breadcrumbs", {"gamma": 0.05}, None),
+    ("breadcrumbs_ties", {"gamma": 0.02}, [0.7, 0.4, 1.1, 0.2, 0.9]),
+    ("dare_ties", {"rescale": "inverse"}, [0.7, 0.4, 1.1, 0.2, 0.9]),  # random masks: the cached-mask path
+]
+DENSITY_RUN = [0.1, 0.37, 0.1, [0.8, 0.2, 0.5, 0.05, 0.9], 0.37, 0.37, 0.05]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("num_actors,threads", [(1, 1), (2, 2)], ids=["1actor", "2actors-2threads"])
+def test_new_density_every_trial_matches_core(ray_session, num_actors, threads):
+    """Trials that change the density (and revisit densities, which keeps a merged delta) give the merge core's
+    tensors bit for bit, for TIES per tensor and whole model, breadcrumbs, with and without per-model weights."""
+    from searchmerge.merge import merge as core_merge
+    from tests.test_store import assert_same, build_store
+
+    base, models = _tied_zoo()
+    with build_store(base, models, names=MODELS, num_actors=num_actors, threads_per_actor=threads,
+                     cache_fraction=1.0) as s:
+        for method, params, weights in STORE_CASES:
+            for i, d in enumerate(DENSITY_RUN):
+                r = _recipe(method, d, weights, **params).with_parameters(**{"lambda": 0.3 + 0.1 * i})
+                assert_same(s.merge(r), core_merge(r, base=base, models=models), exact=True)
+        st = s.stats()
+        assert sum(a["order_stats_bytes"] for a in st["actors"]) > 0
+
+
+@pytest.mark.timeout(300)
+def test_bfloat16_checkpoints_new_density_matches_core(ray_session):
+    from searchmerge.merge import merge as core_merge
+    from tests.test_store import assert_same, build_store
+
+    base, models = _tied_zoo(dtype=torch.bfloat16)
+    with build_store(base, models, names=MODELS) as s:
+        for method, params, weights in STORE_CASES[:4]:
+            for d in (0.2, 0.6):
+                r = _recipe(method, d, weights, **params)
+                assert_same(s.merge(r), core_merge(r, base=base, models=models), exact=True)
+
+
+@pytest.mark.parametrize("residency", ["float32", "bfloat16"])
+def test_ranked_path_equals_mask_path_in_a_worker(monkeypatch, residency):
+    """In a shard worker (no Ray): cut rules give the bits of the cached-mask path for every residency
+    (bf16 residency is not the core's float32 τ, so the two store paths are compared with each other)."""
+    from searchmerge.store.paths import MergePaths
+    from searchmerge.store.stages import to_numpy
+    from searchmerge.store.worker import ShardWorker
+
+    base, models = _tied_zoo()
+    names = [k for k, v in base.items() if v.is_floating_point()]
+    as_src = lambda sd: {k: to_numpy(v) for k, v in sd.items()}  # noqa: E731
+    worker = ShardWorker(as_src(base), [as_src(m) for m in models], names, n_layers=2, residency_dtype=residency,
+                         cache_bytes=1 << 30, threads=2)
+    runs = [(_recipe(method, d, weights, **params), method, d) for method, params, weights in
+            STORE_CASES[:2] + STORE_CASES[4:7] for d in (0.1, [0.8, 0.2, 0.5, 0.05, 0.9])]
+    ranked = [worker.merge(r, range(5), None, None) for r, _, _ in runs]
+    kinds = {key[0] for key in worker.cache.items}
+    assert "keeps" in kinds and not kinds & {"sparse", "pattern"}, kinds  # cut rules only: no masks were built
+    monkeypatch.setattr(MergePaths, "_rankable", lambda *a: False)
+    for got, (r, method, d) in zip(ranked, runs):
+        masked = worker.merge(r, range(5), None, None)
+        for k in names:
+            assert np.array_equal(got[k][1], masked[k][1]), (method, d, k)
+
+
+def test_lru_keeps_costly_entries():
+    """Cheap entries (masks, merged deltas) never evict a costly one (a TSV-M unit-scale result); the reverse can."""
+    from searchmerge.store.paths import COSTLY, LRU
+
+    c = LRU(100)
+    c.put("final", "svd", 60, COSTLY)
+    c.new_trial()
+    c.put("mask1", "m", 30)
+    c.new_trial()
+    c.put("mask2", "m", 30)  # would need the costly entry's room: mask1 goes, final stays
+    assert "final" in c.items and "mask2" in c.items and "mask1" not in c.items
+    c.new_trial()
+    c.put("mask3", "m", 50)  # only by evicting final: refused
+    assert "final" in c.items and "mask3" not in c.items
+    c.new_trial()
+    c.put("final2", "svd", 70, COSTLY)  # a costly entry may evict anything older
+    assert set(c.items) == {"mask2", "final2"} and c.bytes == 100
