@@ -47,11 +47,14 @@ def test_keep_rules_equal_the_core_masks(kind):
             assert hist.n == n and hist.finite and int(hist.cum[-1]) == n
             for d in DENSITIES:
                 want = magnitude_mask(t.float(), d).bool().numpy()
-                assert (ranks.keep_mask(arr, ranks.stage_keep("magnitude", d, 0.0, arr, hist)) == want).all(), (n, d)
+                cut = ranks.stage_keep("magnitude", d, 0.0, arr, hist)
+                for exact in (True, False):  # the rule, and the kernels' thresholds + listed ties
+                    assert (ranks.keep_mask(arr, cut, exact=exact) == want).all(), (n, d, exact)
                 for gamma in (0.0, 0.01, 0.05, 0.3):
                     want = outlier_mask(t.float(), d, gamma).bool().numpy()
-                    got = ranks.keep_mask(arr, ranks.stage_keep("magnitude_outliers", d, gamma, arr, hist))
-                    assert (got == want).all(), (n, d, gamma)
+                    cut = ranks.stage_keep("magnitude_outliers", d, gamma, arr, hist)
+                    for exact in (True, False):
+                        assert (ranks.keep_mask(arr, cut, exact=exact) == want).all(), (n, d, gamma, exact)
 
 
 def test_non_finite_values_are_flagged():
@@ -64,8 +67,9 @@ def test_threshold_rule_is_the_whole_model_compare():
     g = torch.Generator().manual_seed(5)
     x = _awkward(5000, 3, g)
     for thr in (0.0, 0.5, 1.5, float(x.abs().max()), 7.0):
-        got = ranks.keep_mask(x.numpy(), ranks.threshold_keep(thr, 5000))
-        assert (got == (x.abs() >= thr).numpy()).all(), thr
+        for exact in (True, False):
+            got = ranks.keep_mask(x.numpy(), ranks.threshold_keep(thr, 5000), exact=exact)
+            assert (got == (x.abs() >= thr).numpy()).all(), thr
 
 
 def _core(c: Combine, method: str, taus, densities, rescale, base, gamma=0.01):
@@ -85,7 +89,7 @@ def _fused(c: Combine, method: str, taus, densities, rescale, base, *, gamma=0.0
         e = min(m, s + step)
         kernels.fused_combine_into(
             [a[s:e] for a in arrays], None, ops, c.weight, consensus=c.consensus, merge_func=c.merge_func,
-            lambda_=c.lambda_, base=base.numpy()[s:e] if based else None, out=out[s:e], keeps=keeps, offset=s, numel=m,
+            lambda_=c.lambda_, base=base.numpy()[s:e] if based else None, out=out[s:e], cuts=keeps, offset=s, numel=m,
             threads=threads,
         )
     return torch.from_numpy(out)

@@ -109,8 +109,12 @@ def keep_pattern(bits: Sequence[np.ndarray | None], numel: int) -> np.ndarray:
 
 
 def _keep_expr(i: int, kind: str) -> str:
-    """Model ``i``'s keep bit from its cut parameters (:mod:`~searchmerge.store.ranks`): integer compares on ``|x|``'s
-    bit pattern and the entry's index, branch-free."""
+    """Model ``i``'s keep bit (:mod:`~searchmerge.store.ranks`), branch-free: ``ge`` / ``range`` compare ``|x|``'s bit
+    pattern with a cut's thresholds; ``lower`` / ``band`` are the exact rules (also comparing the entry's index)."""
+    if kind == "ge":
+        return f"m{i} >= lo{i}"
+    if kind == "range":
+        return f"(m{i} >= lo{i}) & (m{i} < hi{i})"
     lower = f"(m{i} > lc{i}) | ((m{i} == lc{i}) & (jj >= lq{i}) & (jj <= lr{i}))"
     if kind == "lower":
         return lower
@@ -118,25 +122,31 @@ def _keep_expr(i: int, kind: str) -> str:
 
 
 def combine_source(n: int, patterned: bool, ops: Sequence[str], consensus: str | None, merge_func: str,
-                   keeps: Sequence[str] | None = None, based: bool = True, ilp: bool = False) -> str:
+                   keeps: Sequence[str] | None = None, based: bool = True, ilp: bool = False,
+                   gather: bool = False) -> str:
     """The GTA combine for one configuration: ``n`` models, masked through a keep pattern, through per-model cuts
-    (``keeps[i]``: all / lower / band, :mod:`~searchmerge.store.ranks`) or not at all, model ``i``'s rescale
-    ``ops[i]`` (none/div/mul), the consensus and merge function; ``based=False`` writes the merged delta alone."""
+    (``keeps[i]``: all / ge / range thresholds over every entry, or — ``gather`` — all / lower / band exact rules
+    over the entries listed in ``fix``; :mod:`~searchmerge.store.ranks`) or not at all, model ``i``'s rescale ``ops[i]``
+    (none/div/mul), the consensus and merge function, the sum order (per-column or tail); ``based=False`` writes
+    the merged delta alone."""
     idx = range(n)
-    cuts = ["lc", "lq", "lr", "uc", "up", "j0"] if keeps is not None else []
-    args = ([f"x{i}" for i in idx] + (["pattern"] if patterned else []) + cuts
+    cut_args = ([] if keeps is None else ["fix", "lc", "lq", "lr", "uc", "up", "j0"] if gather else ["lo", "hi"])
+    args = ([f"x{i}" for i in idx] + (["pattern"] if patterned else []) + cut_args
             + ["opv", "w", "mean_div", "lam"] + (["base"] if based else []) + ["out"])
     masking = "masked" if patterned else f"cuts {list(keeps)}" if keeps is not None else "dense"
-    what = f"GTA combine, {n} models, {masking}, ops {list(ops)}, {consensus}/{merge_func}{', tail' if ilp else ''}"
+    what = (f"GTA combine, {n} models, {masking}{' at listed entries' if gather else ''}, ops {list(ops)}, "
+            f"{consensus}/{merge_func}{', tail' if ilp else ''}")
     src = _HEADER.format(what=what, args=", ".join(args))
     src += "".join(f"    w{i} = w[{i}]\n    o{i} = opv[{i}]\n" for i in idx)
     if keeps is not None:
-        src += "".join(f"    {p}{i} = {p}[{i}]\n" for i in idx if keeps[i] != "all" for p in ("lc", "lq", "lr", "uc", "up"))
-    src += "    for j in range(len(out)):\n"
+        names = ("lc", "lq", "lr", "uc", "up") if gather else ("lo", "hi")
+        src += "".join(f"    {p}{i} = {p}[{i}]\n" for i in idx if keeps[i] != "all" for p in names)
+    if gather:
+        src += "    for ix in range(len(fix)):\n        j = fix[ix]\n        jj = j + j0\n"
+    else:
+        src += "    for j in range(len(out)):\n"
     if patterned:
         src += "        q = pattern[j]\n"
-    if keeps is not None and any(kd != "all" for kd in keeps):
-        src += "        jj = j + j0\n"
     for i in idx:
         bit = f" * np.float32((q >> {i}) & 1)" if patterned else ""
         if keeps is not None and keeps[i] != "all":
@@ -199,9 +209,9 @@ def compiled(src: str) -> Callable[..., None]:
 
 @lru_cache(maxsize=256)
 def _combine_kernel(n: int, patterned: bool, ops: tuple[str, ...], consensus: str | None, merge_func: str,
-                    keeps: tuple[str, ...] | None, based: bool, ilp: bool):  # noqa: ANN202
+                    keeps: tuple[str, ...] | None, based: bool, ilp: bool, gather: bool = False):  # noqa: ANN202
     """Per-configuration lookup, so a trial's per-tensor calls neither rebuild nor hash the source text."""
-    return compiled(combine_source(n, patterned, ops, consensus, merge_func, keeps, based, ilp))
+    return compiled(combine_source(n, patterned, ops, consensus, merge_func, keeps, based, ilp, gather))
 
 
 @lru_cache(maxsize=64)
@@ -316,7 +326,7 @@ def fused_combine_into(
     lambda_: float,
     base: np.ndarray | None,
     out: np.ndarray,
-    keeps: Sequence[tuple] | None = None,
+    cuts: Sequence[Any] | None = None,
     offset: int = 0,
     numel: int | None = None,
     threads: int = 1,
@@ -326,8 +336,9 @@ def fused_combine_into(
     ``vals`` are float32 or bfloat16 bit patterns as uint16; ``base`` and ``out`` float32, all one length: entries
     ``[offset, offset + len(out))`` of a tensor of ``numel`` entries (default: the whole tensor). ``base=None``:
     ``out`` gets the merged delta ``combine(…)·λ`` alone. Which entries model ``i`` keeps comes from ``pattern``
-    (from :func:`keep_pattern`, same length), or from ``keeps[i]`` (a :data:`~searchmerge.store.ranks.Keep` on the
-    whole tensor), or from neither (all kept). ``ops[i]`` is ``("none",)``, ``("div", d)`` or ``("mul", c)``.
+    (from :func:`keep_pattern`, same length), or from ``cuts[i]`` (a :class:`~searchmerge.store.ranks.Cut` on the
+    whole tensor: one pass with its thresholds, then the entries it lists recomputed with its exact rule), or
+    from neither (all kept). ``ops[i]`` is ``("none",)``, ``("div", d)`` or ``("mul", c)``.
     """
     numel = offset + len(out) if numel is None else numel
     _check(vals, base, out, offset, numel)
@@ -335,34 +346,50 @@ def fused_combine_into(
         raise ValueError(f"fused_combine_into: consensus {consensus!r}, merge_func {merge_func!r}.")
     if pattern is not None and (len(pattern) != len(out) or pattern.dtype != pattern_dtype(len(vals))):
         raise ValueError(f"fused_combine_into: keep pattern of {len(pattern)} {pattern.dtype} for {len(out)} entries.")
-    if keeps is not None and (pattern is not None or len(keeps) != len(vals)):
-        raise ValueError(f"fused_combine_into: {len(keeps)} keep rules for {len(vals)} models (and no pattern).")
-    kinds = None if keeps is None else tuple(k[0] for k in keeps)
-    config = (len(vals), pattern is not None, tuple(op[0] for op in ops), consensus, merge_func, kinds, base is not None)
+    if cuts is not None and (pattern is not None or len(cuts) != len(vals)):
+        raise ValueError(f"fused_combine_into: {len(cuts)} cuts for {len(vals)} models (and no pattern).")
+    opk = tuple(op[0] for op in ops)
+    config = (len(vals), pattern is not None, opk, consensus, merge_func)
+    kinds = None if cuts is None else tuple(c.kind for c in cuts)
     total = float(sum(weights))
-    cuts = () if keeps is None else _keep_arrays(keeps)
     scalars = (
         np.array([_f32(op[1]) if op[0] != "none" else 1.0 for op in ops], dtype=np.float32),
         np.asarray(list(weights), dtype=np.float32),
         np.float32(total if abs(total) >= 1e-8 else 1.0),
         _f32(lambda_),
     )
+    thresholds = () if cuts is None else (np.array([c.lo for c in cuts], dtype=np.uint32),
+                                          np.array([c.hi for c in cuts], dtype=np.uint32))
 
     def piece(ilp: bool, s: int, e: int) -> None:
-        _combine_kernel(*config, ilp)(
+        _combine_kernel(*config, kinds, base is not None, ilp)(
             *[x[s:e] for x in vals],
             *(() if pattern is None else (pattern[s:e],)),
-            *((*cuts, np.int64(offset + s)) if keeps is not None else ()),
+            *thresholds,
             *scalars,
             *(() if base is None else (base[s:e],)),
             out[s:e],
         )
 
     _by_order(offset, len(out), numel, threads, piece)
+    if cuts is None or not any(len(c.fix) for c in cuts):
+        return
+    # entries tied at a cut that keeps part of its ties: recompute them with the exact rules
+    fix = np.unique(np.concatenate([c.fix for c in cuts]))
+    fix = fix[(fix >= offset) & (fix < offset + len(out))] - offset
+    if not len(fix):
+        return
+    rules = _rule_arrays([c.rule for c in cuts])
+    pc = plain_count(numel) - offset
+    for ilp, at in ((False, fix[fix < pc]), (True, fix[fix >= pc])):
+        if len(at):
+            _combine_kernel(*config, tuple(c.rule[0] for c in cuts), base is not None, ilp, True)(
+                *vals, at, *rules, np.int64(offset), *scalars, *(() if base is None else (base,)), out,
+            )
 
 
-def _keep_arrays(keeps: Sequence[tuple]) -> tuple[np.ndarray, ...]:
-    """The per-model cut parameters (lc, lq, lr, uc, up) of :data:`~searchmerge.store.ranks.Keep` rules."""
+def _rule_arrays(keeps: Sequence[tuple]) -> tuple[np.ndarray, ...]:
+    """The per-model parameters (lc, lq, lr, uc, up) of :data:`~searchmerge.store.ranks.Keep` rules."""
     return (
         np.array([k[1] for k in keeps], dtype=np.uint32),
         np.array([k[2] for k in keeps], dtype=np.int64),

@@ -193,13 +193,13 @@ class MergePaths:
 
     def _combine_into(self, comb: Combine, sources: Sequence[torch.Tensor], ops: Sequence[tuple],
                       base: torch.Tensor | None, target: torch.Tensor, *, pattern: np.ndarray | None = None,
-                      keeps: Sequence[tuple] | None = None) -> None:
+                      cuts: Sequence[ranks.Cut] | None = None) -> None:
         """``target = base + combine(stage(τ))`` (``base=None``: the merged delta) in one fused CPU pass."""
         def run(vals: list, b: Any, out: np.ndarray, s: int, n: int) -> None:
             kernels.fused_combine_into(
                 vals, None if pattern is None else pattern[s:s + len(out)], ops, comb.weight,
                 consensus=comb.consensus, merge_func=comb.merge_func, lambda_=comb.lambda_, base=b, out=out,
-                keeps=keeps, offset=s, numel=n, threads=self.threads,
+                cuts=cuts, offset=s, numel=n, threads=self.threads,
             )
 
         self._kernel_into(run, sources, base, target)
@@ -242,7 +242,7 @@ class MergePaths:
                                         kernels.as_kernel_array(taus[m].reshape(-1)), self._hist(k, sel[m]))
 
             keeps = kernels.map_threads(one, range(len(sel)), self.threads)
-        self.cache.put(key, keeps, 64 * len(keeps), CHEAP)
+        self.cache.put(key, keeps, sum(c.nbytes for c in keeps), CHEAP)
         return keeps, False
 
     def _merge_ranked(self, k: str, stage: Stage, comb: Combine, taus: list[torch.Tensor], sel: Sequence[int],
@@ -258,12 +258,12 @@ class MergePaths:
             unscaled = self.cache.get(key)
             if unscaled is None and seen:  # the stage's second trial: a λ search is under way, keep its delta
                 unscaled = torch.empty(base.shape, dtype=F32, device=base.device)
-                self._combine_into(replace(comb, lambda_=1.0), taus, ops, None, unscaled, keeps=keeps)
+                self._combine_into(replace(comb, lambda_=1.0), taus, ops, None, unscaled, cuts=keeps)
                 self.cache.put(key, unscaled, unscaled.numel() * unscaled.element_size(), CHEAP)
             if unscaled is not None:
                 scale_add_into(base, unscaled, comb.lambda_, target)
                 return _deliver(target, dst)
-        self._combine_into(comb, taus, ops, base, target, keeps=keeps)
+        self._combine_into(comb, taus, ops, base, target, cuts=keeps)
         return _deliver(target, dst)
 
     # --- cached results -------------------------------------------------------------------------------

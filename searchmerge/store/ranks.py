@@ -9,16 +9,19 @@ for finite values). A rank query then finds its bin in the histogram and scans �
 result, a :data:`Keep`, says which entries survive — ``(a, j)`` compared with the cut — and the generated combine
 kernels apply it inside their one fused pass (no mask is materialised or cached).
 
-A :data:`Keep` is ``(kind, lc, lq, lr, uc, up)`` on ``a = absbits(τ_j)``:
+A :data:`Keep` rule is ``(kind, lc, lq, lr, uc, up)`` on ``a = absbits(τ_j)``:
 
 * ``all``: every entry;
 * ``lower``: ``a > lc  or  (a == lc and lq <= j <= lr)``;
 * ``band``: ``lower  and  (a < uc  or  (a == uc and j <= up))``.
+
+The kernels apply it as a :class:`Cut`: two thresholds (``lo <= a < hi``, compares that vectorise) and the
+few entries tied at a cut that keeps only part of its ties, recomputed with the rule.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -114,56 +117,82 @@ def value_at(x: np.ndarray, hist: Hist, r: int) -> tuple[int, int, np.ndarray]:
     return (b << 16) | c_lo, less, idx[lo == c_lo]
 
 
-def largest_keep(x: np.ndarray, hist: Hist, k: int) -> Keep:
+@dataclass(frozen=True)
+class Cut:
+    """Which entries one model keeps of one tensor: ``lo <= a < hi`` on ``a = absbits(x_j)`` — integer compares
+    that vectorise — except at ``fix``, the entries tied at a cut that keeps only some of its ties, where the
+    exact :data:`Keep` ``rule`` (which also compares indices) applies."""
+
+    rule: Keep
+    lo: int = 0
+    hi: int = NONE_BITS
+    fix: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+
+    @property
+    def kind(self) -> str:
+        """``all`` (no mask), ``ge`` (``a >= lo``) or ``range``."""
+        return "all" if self.rule[0] == "all" else "ge" if self.hi == NONE_BITS else "range"
+
+    @property
+    def nbytes(self) -> int:
+        return 64 + int(self.fix.nbytes)
+
+
+def largest_keep(x: np.ndarray, hist: Hist, k: int) -> Cut:
     """The ``k`` largest |x| with ties at the cut to the lower index (``sparsify.magnitude_mask``)."""
     n = hist.n
     if k <= 0:
-        return NOTHING
+        return Cut(NOTHING, NONE_BITS, NONE_BITS)
     if k >= n:
-        return ALL
+        return Cut(ALL)
     c, less, eq = value_at(x, hist, n - k + 1)  # the k-th largest value
-    greater = n - less - len(eq)
-    return ("lower", c, 0, int(eq[k - greater - 1]), NONE_BITS, -1)
+    missing = k - (n - less - len(eq))  # ties at c kept, lowest indices first
+    rule = ("lower", c, 0, int(eq[missing - 1]), NONE_BITS, -1)
+    return Cut(rule, c) if missing == len(eq) else Cut(rule, c + 1, NONE_BITS, eq)
 
 
-def _smallest(x: np.ndarray, hist: Hist, m: int) -> tuple[int, int] | None:
-    """(c, p) with the ``m`` smallest |x| (ties to the lower index, ``sparsify.smallest_mask``) being
-    ``{a < c} ∪ {a == c, j <= p}``, for 0 < m < n."""
-    c, less, eq = value_at(x, hist, m)
-    return c, int(eq[m - less - 1])
-
-
-def band_keep(x: np.ndarray, hist: Hist, n_bot: int, m_top: int) -> Keep:
-    """Among the ``m_top`` smallest and not among the ``n_bot`` smallest (``sparsify.outlier_mask``)."""
+def band_keep(x: np.ndarray, hist: Hist, n_bot: int, m_top: int) -> Cut:
+    """Among the ``m_top`` smallest and not among the ``n_bot`` smallest (``sparsify.outlier_mask``); both
+    counts take ties at their cut lowest index first (``sparsify.smallest_mask``)."""
     n = hist.n
+    fix = []
     if n_bot <= 0:
-        lc, lq, lr = 0, 0, n  # every entry is "not among the 0 smallest"
+        lc, lq, lr, lo = 0, 0, n, 0  # every entry is "not among the 0 smallest"
     elif n_bot >= n:
-        lc, lq, lr = NOTHING[1:4]
+        lc, lq, lr, lo = NONE_BITS, 0, -1, NONE_BITS
     else:
-        c, p = _smallest(x, hist, n_bot)
-        lc, lq, lr = c, p + 1, n
+        c, less, eq = value_at(x, hist, n_bot)
+        missing = n_bot - less  # ties at c among the n_bot smallest: the rest of them are kept
+        lc, lq, lr, lo = c, int(eq[missing - 1]) + 1, n, c + 1
+        if missing < len(eq):
+            fix.append(eq)
     if m_top >= n:
-        uc, up = NONE_BITS, -1
+        uc, up, hi = NONE_BITS, -1, NONE_BITS
     elif m_top <= 0:
-        uc, up = 0, -1
+        uc, up, hi = 0, -1, 0
     else:
-        uc, up = _smallest(x, hist, m_top)
-    return ("band", lc, lq, lr, uc, up)
+        c, less, eq = value_at(x, hist, m_top)
+        missing = m_top - less
+        uc, up = c, int(eq[missing - 1])
+        hi = c + 1 if missing == len(eq) else c
+        if missing < len(eq):
+            fix.append(eq)
+    fixed = np.unique(np.concatenate(fix)) if fix else np.empty(0, dtype=np.int64)
+    return Cut(("band", lc, lq, lr, uc, up), lo, hi, fixed)
 
 
-def threshold_keep(threshold: float, n: int) -> Keep:
+def threshold_keep(threshold: float, n: int) -> Cut:
     """``|x| >= threshold`` (the whole-model trim's rule), for a threshold that is a float32 value >= 0."""
     bits = int(np.array([threshold], dtype=np.float32).view(np.uint32)[0]) & 0x7FFFFFFF
-    return ("lower", bits, 0, n, NONE_BITS, -1)
+    return Cut(("lower", bits, 0, n, NONE_BITS, -1), bits)
 
 
-def stage_keep(method: str | None, density: float, gamma: float, x: np.ndarray, hist: Hist) -> Keep:
+def stage_keep(method: str | None, density: float, gamma: float, x: np.ndarray, hist: Hist) -> Cut:
     """What the stage keeps of one tensor: ``magnitude`` (TIES) or ``magnitude_outliers`` (breadcrumbs), with the
     merge core's counts (``int(density·n)``, ``int(gamma·n)``)."""
     n = hist.n
     if method is None or density >= 1:
-        return ALL
+        return Cut(ALL)
     if method == "magnitude":
         return largest_keep(x, hist, int(density * n))
     if method == "magnitude_outliers":
@@ -177,14 +206,20 @@ def stage_keep(method: str | None, density: float, gamma: float, x: np.ndarray, 
     raise ValueError(f"no order-statistics keep rule for {method!r}")
 
 
-def keep_mask(x: np.ndarray, keep: Keep, start: int = 0) -> np.ndarray:
-    """The boolean mask a :data:`Keep` selects (reference implementation for tests; numpy, not fused)."""
+def keep_mask(x: np.ndarray, cut: Cut, start: int = 0, exact: bool = True) -> np.ndarray:
+    """The boolean mask a :class:`Cut` selects (a numpy reference for tests): its exact rule (``exact``), or its
+    thresholds with the rule applied at ``fix`` only — what the kernels do; the two must agree."""
     a = (x.astype(np.uint32) & 0x7FFF) << 16 if x.dtype == np.uint16 else x.view(np.uint32) & 0x7FFFFFFF
     j = np.arange(start, start + len(x), dtype=np.int64)
-    kind, lc, lq, lr, uc, up = keep
+    kind, lc, lq, lr, uc, up = cut.rule
     if kind == "all":
         return np.ones(len(x), dtype=bool)
     out = (a > lc) | ((a == lc) & (j >= lq) & (j <= lr))
     if kind == "band":
         out &= (a < uc) | ((a == uc) & (j <= up))
-    return out
+    if exact:
+        return out
+    fast = (a >= cut.lo) & (a < cut.hi)
+    at = cut.fix[(cut.fix >= start) & (cut.fix < start + len(x))] - start
+    fast[at] = out[at]
+    return fast
