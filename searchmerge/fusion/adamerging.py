@@ -86,14 +86,17 @@ def entropy(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1).mean()
 
 
-def merged_params(base: Mapping[str, Tensor], deltas: list[Mapping[str, Tensor]], lam: Tensor,
+def merged_params(base: Mapping[str, Tensor], deltas: Mapping[str, Tensor], lam: Tensor,
                   groups: list[list[str]], task_wise: bool) -> dict[str, Tensor]:
-    """``{"backbone." + first key of each group: θ₀ + Σ_i λ_i τ_i}`` (differentiable in ``lam``)."""
+    """``{"backbone." + first key of each group: θ₀ + Σ_i λ_i τ_i}`` (differentiable in ``lam``).
+
+    ``deltas[k]`` is the stacked ``[N, *shape]`` task vectors of tensor k: one contraction per tensor
+    (its backward is one mat-vec), instead of N scaled copies."""
     out = {}
     for g, keys in enumerate(groups):
         k = keys[0]
         col = lam[:, 0] if task_wise else lam[:, g]
-        out[PREFIX + k] = base[k] + sum(col[i] * d[k] for i, d in enumerate(deltas))
+        out[PREFIX + k] = base[k] + torch.tensordot(col, deltas[k], dims=1)
     return out
 
 
@@ -143,7 +146,7 @@ def adamerge(bench: Bench, config: AdaMergingConfig, *, progress: bool = False) 
     groups = parameter_groups(next(iter(modules.values())))
     keys = [k for keys in groups for k in keys]
     base = {k: mp.base[k].float().to(device) for k in keys}
-    deltas = [{k: (mp.finetuned[t][k].float().to(device) - base[k]) for k in keys} for t in names]
+    deltas = {k: torch.stack([mp.finetuned[t][k].float().to(device) for t in names]) - base[k] for k in keys}
     width = 1 if config.granularity == "task" else len(groups)
     lam = nn.Parameter(torch.full((len(names), width), float(config.init), device=device))
     opt = torch.optim.Adam([lam], lr=config.lr, betas=(0.9, 0.999))
