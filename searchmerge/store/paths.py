@@ -55,26 +55,37 @@ class LRU:
         self.misses += 1
         return None
 
+    def _victims(self, nbytes: int, priority: int, skip: Any = None) -> list | None:
+        """Keys to evict so that ``nbytes`` more fit (oldest first, never this trial's or a higher priority's);
+        ``None`` when they cannot be found."""
+        need = self.bytes + nbytes - self.capacity - (self.items[skip][1] if skip in self.items else 0)
+        victims, freed = [], 0
+        if need <= 0:
+            return victims
+        for k, (_, size, epoch, prio) in self.items.items():  # oldest first; epochs never decrease along it
+            if epoch == self.epoch:
+                break
+            if prio <= priority and k != skip:
+                victims.append(k)
+                freed += size
+                if freed >= need:
+                    return victims
+        return None
+
+    def room(self, nbytes: int, priority: int = 0) -> bool:
+        """Whether :meth:`put` of ``nbytes`` would be kept (check before computing an expensive value)."""
+        return nbytes <= self.capacity and self._victims(nbytes, priority) is not None
+
     def put(self, key: Any, value: Any, nbytes: int, priority: int = 0) -> None:
         if nbytes > self.capacity:
             return
+        victims = self._victims(nbytes, priority, skip=key)
+        if victims is None:
+            return  # only this trial's or more valuable entries left: keep them, skip this one
         if key in self.items:
             self.bytes -= self.items.pop(key)[1]
-        need = self.bytes + nbytes - self.capacity
-        if need > 0:
-            victims, freed = [], 0
-            for k, (_, size, epoch, prio) in self.items.items():  # oldest first; epochs never decrease along it
-                if epoch == self.epoch:
-                    break
-                if prio <= priority:
-                    victims.append(k)
-                    freed += size
-                    if freed >= need:
-                        break
-            if freed < need:
-                return  # only this trial's or more valuable entries left: keep them, skip this one
-            for k in victims:
-                self.bytes -= self.items.pop(k)[1]
+        for k in victims:
+            self.bytes -= self.items.pop(k)[1]
         self.items[key] = [value, nbytes, self.epoch, priority]
         self.bytes += nbytes
 
@@ -256,10 +267,11 @@ class MergePaths:
         if all(w == 1.0 for w in comb.weight) and self.unit_cache_fits:
             key = ("combined", k, stage, comb.consensus, comb.merge_func, tuple(sel))
             unscaled = self.cache.get(key)
-            if unscaled is None and seen:  # the stage's second trial: a λ search is under way, keep its delta
+            nbytes = base.numel() * 4
+            if unscaled is None and seen and self.cache.room(nbytes, CHEAP):  # a stage's 2nd trial: keep its delta
                 unscaled = torch.empty(base.shape, dtype=F32, device=base.device)
                 self._combine_into(replace(comb, lambda_=1.0), taus, ops, None, unscaled, cuts=keeps)
-                self.cache.put(key, unscaled, unscaled.numel() * unscaled.element_size(), CHEAP)
+                self.cache.put(key, unscaled, nbytes, CHEAP)
             if unscaled is not None:
                 scale_add_into(base, unscaled, comb.lambda_, target)
                 return _deliver(target, dst)

@@ -22,6 +22,7 @@ few entries tied at a cut that keeps only part of its ties, recomputed with the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -79,6 +80,23 @@ if numba is not None:
         return c
 
     @numba.njit(cache=True, nogil=True, fastmath=False)
+    def _collect_two_bins(x, b1, b2, idx1, lo1, idx2, lo2):  # noqa: ANN001, ANN202
+        c1 = 0
+        c2 = 0
+        for j in range(len(x)):
+            a = absbits(x, j)
+            h = a >> np.uint32(16)
+            if h == b1:
+                idx1[c1] = j
+                lo1[c1] = a & np.uint32(0xFFFF)
+                c1 += 1
+            elif h == b2:
+                idx2[c2] = j
+                lo2[c2] = a & np.uint32(0xFFFF)
+                c2 += 1
+        return c1 + c2
+
+    @numba.njit(cache=True, nogil=True, fastmath=False)
     def _count_low_in_bin(x, b, counts):  # noqa: ANN001, ANN202
         for j in range(len(x)):
             a = absbits(x, j)
@@ -99,22 +117,44 @@ def low_histogram(x: np.ndarray, b: int, counts: np.ndarray) -> None:
     _count_low_in_bin(x, np.uint32(b), counts)
 
 
-def value_at(x: np.ndarray, hist: Hist, r: int) -> tuple[int, int, np.ndarray]:
-    """The ``r``-th smallest |x| (1-based) as bits, how many entries are smaller, and the (ascending) indices of
-    the entries equal to it: one scan of ``x`` for the entries of its bin."""
+def _bin_of(hist: Hist, r: int) -> tuple[int, int, int]:
+    """(bin, entries below it, entries in it) of the ``r``-th smallest |x| (1-based)."""
     i = int(np.searchsorted(hist.cum, r))  # first bin whose cumulative count reaches r
     before = int(hist.cum[i - 1]) if i > 0 else 0
-    size = int(hist.cum[i]) - before
-    b = int(hist.bins[i])
-    idx = np.empty(size, dtype=np.int64)
-    lo = np.empty(size, dtype=np.uint32)
-    found = _collect_bin(x, np.uint32(b), idx, lo)
-    if found != size:
-        raise RuntimeError(f"order statistics out of date: bin {b} holds {found} entries, the histogram says {size}")
+    return int(hist.bins[i]), before, int(hist.cum[i]) - before
+
+
+def _select(r: int, before: int, b: int, idx: np.ndarray, lo: np.ndarray) -> tuple[int, int, np.ndarray]:
     r_in = r - before
     c_lo = int(np.partition(lo, r_in - 1)[r_in - 1])
     less = before + int(np.count_nonzero(lo < c_lo))
     return (b << 16) | c_lo, less, idx[lo == c_lo]
+
+
+def values_at(x: np.ndarray, hist: Hist, rs: Sequence[int]) -> list[tuple[int, int, np.ndarray]]:
+    """For each rank ``r`` (1-based, at most two): the ``r``-th smallest |x| as bits, how many entries are smaller,
+    and the ascending indices of the entries equal to it — from one scan of ``x`` for the entries of their bins."""
+    bins = [_bin_of(hist, r) for r in rs]
+    distinct = sorted({b for b, _, _ in bins})
+    if len(distinct) > 2:
+        raise ValueError("at most two ranks per scan")
+    sizes = {b: size for b, _, size in bins}
+    got = {b: (np.empty(sizes[b], dtype=np.int64), np.empty(sizes[b], dtype=np.uint32)) for b in distinct}
+    if len(distinct) == 1:
+        (b1,) = distinct
+        found = _collect_bin(x, np.uint32(b1), *got[b1])
+    else:
+        b1, b2 = distinct
+        found = _collect_two_bins(x, np.uint32(b1), np.uint32(b2), *got[b1], *got[b2])
+    if found != sum(sizes.values()):
+        raise RuntimeError(f"order statistics out of date: bins {distinct} hold {found} entries, not {sizes}")
+    return [_select(r, before, b, *got[b]) for r, (b, before, _) in zip(rs, bins)]
+
+
+def value_at(x: np.ndarray, hist: Hist, r: int) -> tuple[int, int, np.ndarray]:
+    """The ``r``-th smallest |x| (1-based) as bits, how many entries are smaller, and the (ascending) indices of
+    the entries equal to it: one scan of ``x`` for the entries of its bin."""
+    return values_at(x, hist, [r])[0]
 
 
 @dataclass(frozen=True)
@@ -153,15 +193,17 @@ def largest_keep(x: np.ndarray, hist: Hist, k: int) -> Cut:
 
 def band_keep(x: np.ndarray, hist: Hist, n_bot: int, m_top: int) -> Cut:
     """Among the ``m_top`` smallest and not among the ``n_bot`` smallest (``sparsify.outlier_mask``); both
-    counts take ties at their cut lowest index first (``sparsify.smallest_mask``)."""
+    counts take ties at their cut lowest index first (``sparsify.smallest_mask``). One scan for both cuts."""
     n = hist.n
+    ranks_needed = [r for r in (n_bot, m_top) if 0 < r < n]
+    found = dict(zip(ranks_needed, values_at(x, hist, ranks_needed))) if ranks_needed else {}
     fix = []
     if n_bot <= 0:
         lc, lq, lr, lo = 0, 0, n, 0  # every entry is "not among the 0 smallest"
     elif n_bot >= n:
         lc, lq, lr, lo = NONE_BITS, 0, -1, NONE_BITS
     else:
-        c, less, eq = value_at(x, hist, n_bot)
+        c, less, eq = found[n_bot]
         missing = n_bot - less  # ties at c among the n_bot smallest: the rest of them are kept
         lc, lq, lr, lo = c, int(eq[missing - 1]) + 1, n, c + 1
         if missing < len(eq):
@@ -171,7 +213,7 @@ def band_keep(x: np.ndarray, hist: Hist, n_bot: int, m_top: int) -> Cut:
     elif m_top <= 0:
         uc, up, hi = 0, -1, 0
     else:
-        c, less, eq = value_at(x, hist, m_top)
+        c, less, eq = found[m_top]
         missing = m_top - less
         uc, up = c, int(eq[missing - 1])
         hi = c + 1 if missing == len(eq) else c
