@@ -189,25 +189,38 @@ STORE_CASES = [
     ("ties", {"merge_func": "sum", "rescale": "inverse"}, [0.7, 0.4, 1.1, 0.2, 0.9]),
     ("breadcrumbs", {"gamma": 0.05}, None),
     ("breadcrumbs_ties", {"gamma": 0.02}, [0.7, 0.4, 1.1, 0.2, 0.9]),
-    ("dare_ties", {"rescale": "inverse"}, [0.7, 0.4, 1.1, 0.2, 0.9]),  # random masks: the cached-mask path
+    ("dare_ties", {"rescale": "inverse"}, [0.7, 0.4, 1.1, 0.2, 0.9]),
+]
+#: DARE's random masks inside the fused pass (L1 rescale: torch sums the masked |τ| a kernel writes)
+DARE_CASES = [
+    ("dare_ties", {"rescale": "l1"}, None),
+    ("dare_ties", {"rescale": "none", "merge_func": "mean"}, [0.7, 0.4, 1.1, 0.2, 0.9]),
+    ("dare_linear", {"rescale": "l1"}, [0.7, 0.4, 1.1, 0.2, 0.9]),
+    ("dare_linear", {"rescale": "inverse", "normalize": True}, None),
 ]
 DENSITY_RUN = [0.1, 0.37, 0.1, [0.8, 0.2, 0.5, 0.05, 0.9], 0.37, 0.37, 0.05]
 
 
+@pytest.mark.slow  # ~40 s with a cold kernel cache (every configuration compiles once), ~6 s warm
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("num_actors,threads", [(1, 1), (2, 2)], ids=["1actor", "2actors-2threads"])
 def test_new_density_every_trial_matches_core(ray_session, num_actors, threads):
     """Trials that change the density (and revisit densities, which keeps a merged delta) give the merge core's
-    tensors bit for bit, for TIES per tensor and whole model, breadcrumbs, with and without per-model weights."""
+    tensors bit for bit, for TIES per tensor and whole model, breadcrumbs and DARE (new seeds too), with and
+    without per-model weights. The actors' 2 threads split the kernels; torch's sums run on 1 thread (L1 rescale
+    factors are whole-tensor sums, whose bits follow torch's thread count, as in the core)."""
     from searchmerge.merge import merge as core_merge
+    from searchmerge.recipe import recipe_from_dict
     from tests.test_store import assert_same, build_store
 
     base, models = _tied_zoo()
     with build_store(base, models, names=MODELS, num_actors=num_actors, threads_per_actor=threads,
                      cache_fraction=1.0) as s:
-        for method, params, weights in STORE_CASES:
+        for method, params, weights in STORE_CASES + DARE_CASES:
             for i, d in enumerate(DENSITY_RUN):
                 r = _recipe(method, d, weights, **params).with_parameters(**{"lambda": 0.3 + 0.1 * i})
+                if method.startswith("dare") and i % 2:
+                    r = recipe_from_dict({**r.to_dict(), "seed": 100 + i})  # a new seed too
                 assert_same(s.merge(r), core_merge(r, base=base, models=models), exact=True)
         st = s.stats()
         assert sum(a["order_stats_bytes"] for a in st["actors"]) > 0
@@ -226,6 +239,7 @@ def test_bfloat16_checkpoints_new_density_matches_core(ray_session):
                 assert_same(s.merge(r), core_merge(r, base=base, models=models), exact=True)
 
 
+@pytest.mark.slow  # ~40 s with a cold kernel cache, ~5 s warm
 @pytest.mark.parametrize("residency", ["float32", "bfloat16"])
 def test_ranked_path_equals_mask_path_in_a_worker(monkeypatch, residency):
     """In a shard worker (no Ray): cut rules give the bits of the cached-mask path for every residency
@@ -240,11 +254,11 @@ def test_ranked_path_equals_mask_path_in_a_worker(monkeypatch, residency):
     worker = ShardWorker(as_src(base), [as_src(m) for m in models], names, n_layers=2, residency_dtype=residency,
                          cache_bytes=1 << 30, threads=2)
     runs = [(_recipe(method, d, weights, **params), method, d) for method, params, weights in
-            STORE_CASES[:2] + STORE_CASES[4:7] for d in (0.1, [0.8, 0.2, 0.5, 0.05, 0.9])]
+            STORE_CASES[:2] + STORE_CASES[4:] + DARE_CASES for d in (0.1, [0.8, 0.2, 0.5, 1.0, 0.9])]
     ranked = [worker.merge(r, range(5), None, None) for r, _, _ in runs]
     kinds = {key[0] for key in worker.cache.items}
     assert "keeps" in kinds and not kinds & {"sparse", "pattern"}, kinds  # cut rules only: no masks were built
-    monkeypatch.setattr(MergePaths, "_rankable", lambda *a: False)
+    monkeypatch.setattr(MergePaths, "_cut_stage", lambda *a: False)
     for got, (r, method, d) in zip(ranked, runs):
         masked = worker.merge(r, range(5), None, None)
         for k in names:
@@ -268,3 +282,53 @@ def test_lru_keeps_costly_entries():
     c.new_trial()
     c.put("final2", "svd", 70, COSTLY)  # a costly entry may evict anything older
     assert set(c.items) == {"mask2", "final2"} and c.bytes == 100
+
+
+# --- the counter-based generator of DARE / DELLA masks ------------------------------------------------
+
+
+def test_counter_draws_are_the_kernels_draws():
+    """The merge core's draws (torch int64) and the kernels' (numba uint32) are the same integers, at any offset."""
+    import numba
+
+    from searchmerge.methods.sparsify import counter_draws
+    from searchmerge.store.kernels_support import counter24
+
+    @numba.njit
+    def draws(k1, k2, start, out):
+        for j in range(len(out)):
+            out[j] = counter24(k1, k2, start + j)
+
+    for key, start in [((5, 7), 0), ((0xFFFFFFFF, 0x12345678), (1 << 32) - 1000), ((123, 0), 3 << 33)]:
+        out = np.empty(5000, dtype=np.uint32)
+        draws(np.uint32(key[0]), np.uint32(key[1]), np.int64(start), out)
+        assert np.array_equal(out.astype(np.int64), counter_draws(key, start, start + 5000).numpy())
+
+
+def test_random_masks_keep_density_and_differ_per_model_and_seed():
+    from searchmerge.merge import tensor_rng
+    from searchmerge.methods.sparsify import DRAW_BITS, keep_threshold, random_mask
+
+    x = torch.ones(400_000)
+    for d in (0.05, 0.3, 0.5, 0.9):
+        assert abs(random_mask(x, d, tensor_rng(1, "w")).mean().item() - d) < 0.005
+        t = keep_threshold(d)  # u < t exactly where u / 2**24 < d
+        assert (t - 1) / 2**DRAW_BITS < d <= t / 2**DRAW_BITS
+    rng = tensor_rng(1, "w")
+    a, b = random_mask(x, 0.5, rng), random_mask(x, 0.5, rng)  # two models of one tensor
+    c = random_mask(x, 0.5, tensor_rng(2, "w"))
+    for other in (b, c):
+        assert abs((a == other).float().mean().item() - 0.5) < 0.005
+    assert torch.equal(a, random_mask(x, 0.5, tensor_rng(1, "w")))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_random_masks_are_the_same_on_cuda():
+    from searchmerge.merge import tensor_rng
+    from searchmerge.methods.sparsify import della_mask, random_mask
+
+    x = torch.randn(70_001)
+    for d in (0.1, 0.5):
+        assert torch.equal(random_mask(x, d, tensor_rng(3, "w")), random_mask(x.cuda(), d, tensor_rng(3, "w")).cpu())
+        assert torch.equal(della_mask(x.reshape(7, -1), d, 0.05, tensor_rng(3, "w")),
+                           della_mask(x.reshape(7, -1).cuda(), d, 0.05, tensor_rng(3, "w")).cpu())

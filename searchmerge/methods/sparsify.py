@@ -2,13 +2,56 @@
 
 Each returns a new tensor; inputs are never modified. Semantics follow MergeKit's ``sparsify.py``:
 magnitude keeps exactly ``int(density·numel)`` entries (ties at the cut go to the lower index); the random
-sparsifiers draw from the caller's (CPU) generator, so a seed gives the same masks on CPU and CUDA
-and however the tensors are sharded.
+sparsifiers draw from a counter-based generator (:func:`counter_draws`) keyed by one draw of the caller's
+generator per mask, so a seed gives the same masks on CPU and CUDA, however the tensors are sharded, and
+entry by entry inside a fused pass (the resident store's kernels compute the same integers).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+#: the counter-based generator: 32-bit integer mixing (multiplier < 2**27, so int64 products never overflow)
+_MIX = 0x45D9F3B
+_M32 = 0xFFFFFFFF
+#: a 24-bit draw u gives the uniform value u / 2**24 (what ``torch.rand`` draws in float32 as well)
+DRAW_BITS = 24
+_CHUNK = 1 << 16  # draws are computed in cache-sized chunks on CPU
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = (((x >> 16) ^ x) * _MIX) & _M32
+    x = (((x >> 16) ^ x) * _MIX) & _M32
+    return (x >> 16) ^ x
+
+
+def mask_key(rng: torch.Generator | None) -> tuple[int, int]:
+    """Two 32-bit keys for one mask: one draw of the per-tensor generator, so the models' masks differ."""
+    key = int(torch.randint(0, 1 << 62, (1,), generator=rng, dtype=torch.int64))
+    return key & _M32, (key >> 32) & _M32
+
+
+def counter_draws(key: tuple[int, int], start: int, stop: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 24-bit draws (int64) of entries ``[start, stop)`` of a mask keyed ``key``: entry ``j`` draws
+    ``mix(mix((j mod 2**32) ^ k1) ^ k2 ^ (j >> 32)) >> 8`` — a function of (key, j) alone."""
+    j = torch.arange(start, stop, dtype=torch.int64, device=device)
+    x = _mix32((j & _M32) ^ key[0])
+    return _mix32(x ^ key[1] ^ (j >> 32)) >> (32 - DRAW_BITS)
+
+
+def keep_threshold(density: float) -> int:
+    """Entry kept where its draw ``u < keep_threshold(density)``, i.e. exactly where ``u / 2**24 < density``."""
+    return math.ceil(density * (1 << DRAW_BITS))
+
+
+def _draws(numel: int, rng: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """A new mask's 24-bit draws for ``numel`` entries (chunked on CPU so the integer passes stay in cache)."""
+    key = mask_key(rng)
+    step = numel if device.type != "cpu" else _CHUNK
+    return torch.cat([counter_draws(key, s, min(numel, s + step), device) for s in range(0, numel, max(step, 1))]
+                     or [torch.empty(0, dtype=torch.int64, device=device)])
 
 
 def rescale_masked(delta: torch.Tensor, mask: torch.Tensor, rescale: str, density: float) -> torch.Tensor:
@@ -46,11 +89,11 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def random_mask(delta: torch.Tensor, density: float, rng: torch.Generator | None) -> torch.Tensor:
-    """Bernoulli(density) keep-mask (DARE: keep with probability 1 − p)."""
+    """Bernoulli(density) keep-mask (DARE: keep with probability 1 − p), from the counter-based generator."""
     if density >= 1:
         return torch.ones_like(delta)
-    draws = torch.rand(delta.shape, generator=rng, dtype=torch.float32).to(delta.device)
-    return (draws < density).to(delta.dtype)
+    keep = _draws(delta.numel(), rng, delta.device) < keep_threshold(density)
+    return keep.reshape(delta.shape).to(delta.dtype)
 
 
 def smallest_mask(abs_values: torch.Tensor, k: int) -> torch.Tensor:
@@ -100,7 +143,7 @@ def della_mask(delta: torch.Tensor, density: float, epsilon: float, rng: torch.G
     hi = ranks.max(dim=1, keepdim=True).values
     rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
-    draws = torch.rand(probs.shape, generator=rng, dtype=torch.float32).to(delta.device)
+    draws = _draws(probs.numel(), rng, delta.device).to(torch.float32).reshape(probs.shape) * 2.0**-DRAW_BITS
     return (draws < probs).to(delta.dtype).reshape(delta.shape)
 
 

@@ -8,8 +8,9 @@ the documented options ``trim_scope: model`` (global top-k), ``merge_func: sum``
 Known, documented differences from the references:
 * sign election: where the weighted sum is exactly 0 we elect ``+`` (MergeKit); FusionBench takes the
   model-wide majority sign. Entries there are dropped or kept only when trimmed values cancel exactly.
-* random masks come from a generator seeded per tensor (``seed``, tensor name), not from one global
-  RNG stream, so a merge is reproducible however tensors are ordered or sharded.
+* random masks come from a counter-based generator keyed per tensor (``seed``, tensor name) and mask
+  (``sparsify.counter_draws``), not from one global RNG stream, so a merge is reproducible however tensors
+  are ordered or sharded, and each entry's draw can be computed alone (inside the store's fused pass).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba.core import types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic, overload, register_jitable
 
 
 @intrinsic
@@ -78,3 +78,24 @@ def _absbits_impl(x, j):  # noqa: ANN001
 
         return bits
     return None
+
+
+_U = np.uint32
+_MIX = np.uint32(0x45D9F3B)
+_S16 = np.uint32(16)
+_S8 = np.uint32(8)
+
+
+@register_jitable(inline="always")
+def _mix32(x):  # noqa: ANN001, ANN202
+    x = _U(_U((x >> _S16) ^ x) * _MIX)
+    x = _U(_U((x >> _S16) ^ x) * _MIX)
+    return _U((x >> _S16) ^ x)
+
+
+@register_jitable(inline="always")
+def counter24(k1, k2, j):  # noqa: ANN001, ANN202
+    """Entry ``j``'s 24-bit draw of the mask keyed (k1, k2): ``searchmerge.methods.sparsify.counter_draws``'s integers,
+    in uint32 arithmetic (a product's low 32 bits are the same as the int64 product masked to 32 bits)."""
+    x = _mix32(_U(_U(j & 0xFFFFFFFF) ^ k1))
+    return _U(_mix32(_U(_U(x ^ k2) ^ _U(j >> 32))) >> _S8)

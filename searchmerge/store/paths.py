@@ -18,8 +18,19 @@ import torch
 
 from searchmerge.merge import DTYPES, merge_tensor, tensor_rng
 from searchmerge.recipe import Recipe, layer_fraction, resolve_params
-from searchmerge.store import kernels, ranks
-from searchmerge.store.stages import Combine, Sparse, Stage, combine, scale_add_into, split_gta, weighted_sum_into
+from searchmerge.store import kernels
+from searchmerge.store.cutpaths import CHEAP, COSTLY, CutPaths
+from searchmerge.store.stages import (
+    Combine,
+    Sparse,
+    Stage,
+    deliver,
+    output_buffer,
+    combine,
+    scale_add_into,
+    split_gta,
+    weighted_sum_into,
+)
 from searchmerge.store.sumorder import safe_chunks
 
 F32 = torch.float32
@@ -94,31 +105,12 @@ class LRU:
         self.bytes = 0
 
 
-def _output(dst: torch.Tensor | None, base: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """Where a merged tensor is computed: ``dst`` itself when it can be written in place, else a new tensor."""
-    if dst is not None and dst.dtype == out_dtype and dst.is_contiguous() and dst.device == base.device:
-        return dst
-    return torch.empty(base.shape, dtype=out_dtype, device=base.device)
-
-
-def _deliver(target: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
-    """``dst`` filled with ``target`` (a no-op when it was computed in place), or ``target`` when there is no ``dst``."""
-    if dst is None or target is dst:
-        return target
-    dst.copy_(target)
-    return dst
-
-
 def _freeze(v: Any) -> Any:
     """A hashable form of a resolved parameter value (lists of per-model values become tuples)."""
     return tuple(_freeze(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
-#: cache priorities: rebuilt by a fused pass (masks, merged deltas, cut rules) < rebuilt by the method (SVDs, …)
-CHEAP, COSTLY = 0, 1
-
-
-class MergePaths:
+class MergePaths(CutPaths):
     """Per-tensor merge paths (a mixin of :class:`~searchmerge.store.worker.ShardWorker`)."""
 
     def _merge_one(self, recipe: Recipe, k: str, sel: Sequence[int], stats: Any, dst: torch.Tensor | None,
@@ -135,12 +127,12 @@ class MergePaths:
                 rng=tensor_rng(recipe.seed, k) if spec.uses_rng else None, stats=stats,
                 compute_dtype=DTYPES[recipe.dtype], inputs_are_deltas=True,
             ).to(out_dtype)
-            return _deliver(out, dst)
+            return deliver(out, dst)
         stage, comb = split
         taus = [self.taus[k][i] for i in sel]
         fused = self._kernels_ok(base, len(taus))
         if stage.trivial and comb.consensus is None and taus:  # task arithmetic: fused, bandwidth-bound path
-            target = _output(dst, base, out_dtype)
+            target = output_buffer(dst, base, out_dtype)
             if fused:
                 mean = comb.merge_func == "mean"
                 self._kernel_into(lambda vals, b, out, s, n: kernels.weighted_sum_into(
@@ -148,22 +140,22 @@ class MergePaths:
                     threads=self.threads), taus, base, target)
             else:
                 weighted_sum_into(comb, base, taus, target, chunk=self.chunk * 4)
-            return _deliver(target, dst)
-        if fused and self._rankable(k, stage, sel, taus):  # TIES / breadcrumbs trims: cut rules, no masks
-            return self._merge_ranked(k, stage, comb, taus, sel, base, dst, out_dtype)
+            return deliver(target, dst)
+        if fused and self._cut_stage(k, stage, sel, taus):  # TIES / breadcrumbs / DARE: cut rules, no masks
+            return self._merge_cut(k, stage, comb, taus, sel, base, dst, out_dtype)
         if not stage.trivial and all(w == 1.0 for w in comb.weight):
             key = ("combined", k, stage, comb.consensus, comb.merge_func, tuple(sel))
             if self.unit_cache_fits:  # all of this shard's merged deltas fit: else masks only (no crowding out)
                 return self._merge_unit_weights(key, k, stage, comb, taus, sel, base, dst, out_dtype)
         reprs = [Sparse(t.numel()) for t in taus] if stage.trivial else self._sparse(k, stage, sel)
         if fused:
-            target = _output(dst, base, out_dtype)
+            target = output_buffer(dst, base, out_dtype)
             pattern = self._keep_pattern(k, stage, sel, reprs)
             sources = [r.dense if r.dense is not None else t for r, t in zip(reprs, taus)]
             ops = [("none",) if r.dense is not None else r.op for r in reprs]
             self._combine_into(comb, sources, ops, base, target, pattern=pattern)
-            return _deliver(target, dst)
-        target = _output(dst, base, out_dtype)
+            return deliver(target, dst)
+        target = output_buffer(dst, base, out_dtype)
         flat = target.view(-1)
         b = base.reshape(-1)
         # sign election makes ~3x more passes per chunk than a weighted sum; plain sums amortise op overhead better
@@ -171,7 +163,7 @@ class MergePaths:
         for s, e in safe_chunks(b.numel(), step):  # torch's sum order stays that of the whole tensor
             merged = b[s:e].to(F32) + combine(comb, [r.chunk(t, s, e) for r, t in zip(reprs, taus)])
             flat[s:e].copy_(merged)
-        return _deliver(target, dst)
+        return deliver(target, dst)
 
     # --- fused kernels --------------------------------------------------------------------------------
 
@@ -215,69 +207,6 @@ class MergePaths:
 
         self._kernel_into(run, sources, base, target)
 
-    # --- TIES / breadcrumbs trims by order statistics ---------------------------------------------------
-
-    def _hist(self, k: str, i: int) -> ranks.Hist:
-        """Model ``i``'s magnitude histogram for tensor ``k``: built on first use (one pass), then kept."""
-        h = self.order_stats.get((k, i))
-        if h is None:
-            h = self.order_stats[(k, i)] = ranks.histogram(kernels.as_kernel_array(self.taus[k][i].reshape(-1)))
-        return h
-
-    def _rankable(self, k: str, stage: Stage, sel: Sequence[int], taus: Sequence[torch.Tensor]) -> bool:
-        """A magnitude trim (TIES per tensor or whole model, breadcrumbs) with no L1 rescale, on finite float32 or
-        bfloat16 task vectors: its kept entries follow from order statistics (:mod:`~searchmerge.store.ranks`)."""
-        if stage.random or stage.post_density is not None or not taus:
-            return False
-        if stage.thresholds is not None:
-            ok = stage.sparsification is None
-        else:
-            ok = stage.sparsification in ("magnitude", "magnitude_outliers") and stage.rescale in ("none", "inverse")
-        if not ok or len({t.dtype for t in taus}) != 1 or taus[0].dtype not in (F32, torch.bfloat16):
-            return False
-        return all(self._hist(k, i).finite for i in sel)
-
-    def _keeps(self, k: str, stage: Stage, sel: Sequence[int], taus: Sequence[torch.Tensor]) -> tuple[list, bool]:
-        """Each selected model's keep rule for tensor ``k`` (cached, a few bytes), and whether it was cached."""
-        key = ("keeps", k, stage, tuple(sel))
-        hit = self.cache.get(key)
-        if hit is not None:
-            return hit, True
-        n = taus[0].numel()
-        if stage.thresholds is not None:
-            keeps = [ranks.threshold_keep(t, n) for t in stage.thresholds]
-        else:
-            def one(m: int) -> tuple:
-                gamma = 0.01 if stage.gamma is None else stage.gamma[m]
-                return ranks.stage_keep(stage.sparsification, stage.density[m], gamma,
-                                        kernels.as_kernel_array(taus[m].reshape(-1)), self._hist(k, sel[m]))
-
-            keeps = kernels.map_threads(one, range(len(sel)), self.threads)
-        self.cache.put(key, keeps, sum(c.nbytes for c in keeps), CHEAP)
-        return keeps, False
-
-    def _merge_ranked(self, k: str, stage: Stage, comb: Combine, taus: list[torch.Tensor], sel: Sequence[int],
-                      base: torch.Tensor, dst: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-        """A new density costs a rank lookup (one scan of each τ for its cut bin) plus one fused pass that applies
-        the cut rules; with unit weights a stage's second trial keeps its merged delta (then ``base + λ·cached``)."""
-        keeps, seen = self._keeps(k, stage, sel, taus)
-        ops = [("div", stage.density[m]) if stage.thresholds is None and stage.rescale == "inverse"
-               and stage.density[m] < 1 else ("none",) for m in range(len(sel))]
-        target = _output(dst, base, out_dtype)
-        if all(w == 1.0 for w in comb.weight) and self.unit_cache_fits:
-            key = ("combined", k, stage, comb.consensus, comb.merge_func, tuple(sel))
-            unscaled = self.cache.get(key)
-            nbytes = base.numel() * 4
-            if unscaled is None and seen and self.cache.room(nbytes, CHEAP):  # a stage's 2nd trial: keep its delta
-                unscaled = torch.empty(base.shape, dtype=F32, device=base.device)
-                self._combine_into(replace(comb, lambda_=1.0), taus, ops, None, unscaled, cuts=keeps)
-                self.cache.put(key, unscaled, nbytes, CHEAP)
-            if unscaled is not None:
-                scale_add_into(base, unscaled, comb.lambda_, target)
-                return _deliver(target, dst)
-        self._combine_into(comb, taus, ops, base, target, cuts=keeps)
-        return _deliver(target, dst)
-
     # --- cached results -------------------------------------------------------------------------------
 
     def _final_scale_cacheable(self, recipe: Recipe, base: torch.Tensor) -> bool:
@@ -300,9 +229,9 @@ class MergePaths:
             unscaled = spec(b, [self.taus[k][i].to(F32) for i in sel], {**params, scale: 1.0},
                             rng=tensor_rng(recipe.seed, k) if spec.uses_rng else None, stats=stats).to(F32)
             self.cache.put(key, unscaled, unscaled.numel() * unscaled.element_size(), COSTLY)
-        target = _output(dst, base, out_dtype)
+        target = output_buffer(dst, base, out_dtype)
         scale_add_into(base, unscaled, float(params.get(scale, spec.param(scale).default)), target)
-        return _deliver(target, dst)
+        return deliver(target, dst)
 
     def _keep_pattern(self, k: str, stage: Stage, sel: Sequence[int], reprs: Sequence[Sparse]) -> np.ndarray | None:
         """Which models keep each entry, one byte (word) per entry, cached beside the masks (``None``: all kept)."""
@@ -330,6 +259,6 @@ class MergePaths:
             for s, e in safe_chunks(base.numel(), self.chunk * 4):
                 unscaled[s:e] = combine(unit, [r.chunk(t, s, e) for r, t in zip(reprs, taus)])
             self.cache.put(key, unscaled, unscaled.numel() * unscaled.element_size())
-        target = _output(dst, base, out_dtype)
+        target = output_buffer(dst, base, out_dtype)
         scale_add_into(base, unscaled, comb.lambda_, target)
-        return _deliver(target, dst)
+        return deliver(target, dst)

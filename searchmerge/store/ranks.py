@@ -167,11 +167,14 @@ class Cut:
     lo: int = 0
     hi: int = NONE_BITS
     fix: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    rand: tuple[int, int, int] = (0, 0, 0)  # a random mask's (k1, k2, threshold): rule ``("random", …)``
 
     @property
     def kind(self) -> str:
-        """``all`` (no mask), ``ge`` (``a >= lo``) or ``range``."""
-        return "all" if self.rule[0] == "all" else "ge" if self.hi == NONE_BITS else "range"
+        """``all`` (no mask), ``ge`` (``a >= lo``), ``range``, or ``random`` (a draw below a threshold)."""
+        if self.rule[0] in ("all", "random"):
+            return self.rule[0]
+        return "ge" if self.hi == NONE_BITS else "range"
 
     @property
     def nbytes(self) -> int:
@@ -248,6 +251,14 @@ def stage_keep(method: str | None, density: float, gamma: float, x: np.ndarray, 
     raise ValueError(f"no order-statistics keep rule for {method!r}")
 
 
+def random_cut(key: tuple[int, int], density: float) -> Cut:
+    """DARE's keep rule: entry ``j`` kept where its counter-based draw is below ``keep_threshold(density)`` —
+    ``sparsify.random_mask``'s mask, computed entry by entry inside the fused pass."""
+    from searchmerge.methods.sparsify import keep_threshold
+
+    return Cut(("random", 0, 0, -1, NONE_BITS, -1), rand=(int(key[0]), int(key[1]), keep_threshold(density)))
+
+
 def keep_mask(x: np.ndarray, cut: Cut, start: int = 0, exact: bool = True) -> np.ndarray:
     """The boolean mask a :class:`Cut` selects (a numpy reference for tests): its exact rule (``exact``), or its
     thresholds with the rule applied at ``fix`` only — what the kernels do; the two must agree."""
@@ -256,6 +267,10 @@ def keep_mask(x: np.ndarray, cut: Cut, start: int = 0, exact: bool = True) -> np
     kind, lc, lq, lr, uc, up = cut.rule
     if kind == "all":
         return np.ones(len(x), dtype=bool)
+    if kind == "random":
+        from searchmerge.methods.sparsify import counter_draws
+
+        return counter_draws(cut.rand[:2], start, start + len(x)).numpy() < cut.rand[2]
     out = (a > lc) | ((a == lc) & (j >= lq) & (j <= lr))
     if kind == "band":
         out &= (a < uc) | ((a == uc) & (j <= up))

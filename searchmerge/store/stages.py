@@ -208,6 +208,21 @@ def scale_add_into(base: Tensor, unscaled: Tensor, lambda_: float, out: Tensor, 
     return out
 
 
+def output_buffer(dst: torch.Tensor | None, base: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Where a merged tensor is computed: ``dst`` itself when it can be written in place, else a new tensor."""
+    if dst is not None and dst.dtype == out_dtype and dst.is_contiguous() and dst.device == base.device:
+        return dst
+    return torch.empty(base.shape, dtype=out_dtype, device=base.device)
+
+
+def deliver(target: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
+    """``dst`` filled with ``target`` (a no-op when it was computed in place), or ``target`` when there is no ``dst``."""
+    if dst is None or target is dst:
+        return target
+    dst.copy_(target)
+    return dst
+
+
 # --- compact sparse representation ----------------------------------------------------------------
 
 

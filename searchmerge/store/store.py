@@ -83,6 +83,7 @@ class TaskVectorStore:
         names: Sequence[str] | None = None,
         cpus_per_actor: float = 1,
         threads_per_actor: int | None = None,
+        torch_threads: int = 1,
         cache_fraction: float = 0.2,
         chunk_elems: int = 1 << 14,
         max_restarts: int = 4,
@@ -96,8 +97,11 @@ class TaskVectorStore:
         ``names``: how recipes refer to the models (default: the paths as given, else ``model_{i}``); a recipe
         listing a subset of them merges that subset. ``cache_fraction``: the mask cache's bound, as a fraction of
         the resident bytes (base + task vectors). ``device``: ``cpu``, ``cuda`` (one GPU per actor) or ``auto``.
-        ``threads_per_actor`` (default 1): torch threads per actor; scale out with ``num_actors`` instead — on a
-        busy 2-core machine two OpenMP threads stall at every barrier (measured 10-100x slower per chunk).
+        ``threads_per_actor`` (default 1): threads each actor's fused kernels and rank scans split their work over
+        (elementwise, so the bits do not change). ``torch_threads`` (default 1): torch's intra-op threads in each
+        actor, for the methods that run as torch ops (generic path, SVDs, L1 sums): whole-tensor sums follow torch's
+        thread count, so the store matches a merge core run with the same count (1, as the tests run it); on a busy
+        2-core machine two OpenMP threads also stall at every barrier (measured 10-100x slower per chunk).
         ``chunk_elems``: the elementwise combine runs in cache-sized chunks (16K entries: below torch's
         parallel grain, resident in L2), so its many small passes cost about one pass over memory.
         ``allow_non_finite``: keep checkpoints holding NaN/±Inf (refused by default, checked once as the actors
@@ -154,7 +158,7 @@ class TaskVectorStore:
         if cpus_per_actor * num_actors > free + 1e-9:
             raise StoreError(
                 f"{num_actors} actor(s) x {cpus_per_actor} CPU exceed the {free:g} CPU(s) Ray has free; lower "
-                "cpus_per_actor (threads_per_actor sets the torch threads independently) or num_actors."
+                "cpus_per_actor (threads_per_actor sets the kernel threads independently) or num_actors."
             )
         remote = ray.remote(ShardWorker).options(
             num_cpus=cpus_per_actor, num_gpus=1 if gpu else 0, max_restarts=max_restarts, max_task_retries=0,
@@ -170,6 +174,7 @@ class TaskVectorStore:
                     self._sources[0], self._sources[1:], shard, self.n_layers, residency_dtype, device, threads,
                     int(cache_fraction * shard_bytes), chunk_elems, allow_pickle,
                     ["the base model", *[f"models[{i}] ({n})" for i, n in enumerate(self.names)]], allow_non_finite,
+                    torch_threads,
                 )
             )
         self._closed = False

@@ -73,10 +73,11 @@ class ShardWorker(MergePaths):
         allow_pickle: bool = False,
         labels: Sequence[str] | None = None,
         allow_non_finite: bool = False,
+        torch_threads: int = 1,
     ) -> None:
         import ray
 
-        torch.set_num_threads(max(1, int(threads)))
+        torch.set_num_threads(max(1, int(torch_threads)))
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -111,6 +112,7 @@ class ShardWorker(MergePaths):
         )
         self.cache = LRU(cache_bytes)
         self.order_stats: dict[tuple[str, int], Any] = {}  # (tensor, model) -> ranks.Hist, built on first use
+        self.l1_norms: dict[tuple[str, int], torch.Tensor] = {}  # (tensor, model) -> Σ|τ| (DARE's L1 rescale)
         self.unit_cache_fits = 4 * sum(self.base[k].numel() for k in self.names) <= self.cache.capacity
         self.evaluator: torch.nn.Module | None = None
         self._ev_sd: dict[str, torch.Tensor] = {}
