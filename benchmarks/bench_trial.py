@@ -1,33 +1,45 @@
-"""Per-trial latency of a merge search: reload-per-trial (FusionBench), merge-to-disk (MergeKit-evolve), resident store.
+"""Per-trial latency of a merge search: searchmerge's own file-merge loops (the patterns of FusionBench's and
+MergeKit-evolve's search loops) against the resident store, with a new λ, new weights or a new density every trial.
 
-    python benchmarks/bench_trial.py            # the 100M-parameter zoo, 4 fine-tuned models
+    python benchmarks/bench_trial.py            # a generated 100M-parameter GPT-2 zoo, 4 fine-tuned models
     python benchmarks/bench_trial.py --small    # a 10M zoo, for a quick check
+    python benchmarks/bench_trial.py --zoo DIR  # DIR/base + the other model folders in DIR (e.g. Llama), never deleted
 
-(a) FusionBench's search: every trial reloads the checkpoints, merges (the merge core) and builds the model with
-    ``from_pretrained`` (+ ``load_state_dict`` of the merged weights).
-(b) MergeKit-evolve: every trial writes the merge to disk (``merge(recipe, out=dir)``) and reloads it with
-    ``from_pretrained``.
-(c) searchmerge's resident path: ``TaskVectorStore.merge_into(recipe, evaluator)`` into a model that lives on the
-    store's actor (1 actor, 1 torch thread): no disk, no re-instantiation. Every path runs 1 torch thread.
+Baselines (searchmerge code in the peers' loop patterns, not the peers themselves):
+(a) reload per trial (FusionBench's loop): the merge core reads every checkpoint, merges, and the model is built with
+    ``from_pretrained`` + ``load_state_dict`` of the merged weights;
+(b) merge to disk (MergeKit-evolve's loop): ``merge(recipe, out=dir)`` then ``from_pretrained(dir)``;
+(mk) with ``--mergekit-yaml PATH`` (MergeKit installed in another environment), the real ``mergekit-yaml`` run per
+    trial on the same recipe (its whole process: start, load, merge, write), for the rows MergeKit can express.
+(c) the resident store: ``TaskVectorStore.merge_into(recipe, evaluator)`` into a model that lives on the store's actor
+    (1 actor; ``threads`` kernel threads): no disk, no re-instantiation.
 
-Each timed trial uses a new λ (and, for the weighted row, new per-model weights): a real new trial; density is
-fixed as in a coefficient search, so the store's mask cache hits after the first trial (its cold time is printed
-separately). The bound for (c) is the bytes a merge must touch (read θ₀ and the N task vectors, plus the N
-bit-packed masks for the TIES family, write the merged weights) divided by the copy bandwidth measured with
-``torch`` ``copy_`` of a large buffer right before that row's trials (the shared machine's bandwidth drifts).
+Each row says what changes every trial (λ; per-model weights; density). Its bound is the bytes that row's trial
+must touch divided by the copy bandwidth measured right before the row (the shared machine's bandwidth drifts):
+task arithmetic reads θ₀ and the N task vectors and writes the model; a cached unit-weight TIES trial (new λ) reads
+θ₀ and the cached merged delta and writes the model (three streams); a new TIES / breadcrumbs density scans each
+task vector once for its cut (order statistics) and then makes the fused pass (task arithmetic's bytes): 2·N
+task-vector reads; DARE draws its masks inside the fused pass (task arithmetic's bytes), plus for ``rescale: l1``
+one read of each τ and a write and read of its masked |τ| (torch sums it, as the core does); DELLA (masks from
+per-row ranks, not fused; ``--della``) is given task arithmetic's bytes. The ratio column ``(c)/TA`` compares each row with the
+task-arithmetic row of the same thread count, same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -42,42 +54,82 @@ from searchmerge.merge import merge as core_merge  # noqa: E402
 from searchmerge.recipe import recipe_from_dict  # noqa: E402
 from searchmerge.synthetic import make_synthetic_zoo  # noqa: E402
 
-LAMBDAS = [0.3, 0.35, 0.25, 0.4, 0.2, 0.45, 0.3, 0.32, 0.38, 0.27, 0.42, 0.22]  # one per trial (9 resident + cold)
+LAMBDAS = [0.3, 0.35, 0.25, 0.4, 0.2, 0.45, 0.3, 0.32, 0.38, 0.27, 0.42, 0.22, 0.33, 0.29]
+DENSITIES = [0.2, 0.27, 0.13, 0.35, 0.18, 0.42, 0.09, 0.31, 0.24, 0.16, 0.38, 0.22, 0.11, 0.29]  # all different
 
 
-def recipes(base: Path, fts: list[Path]) -> dict[str, dict]:
-    models = [{"model": str(d)} for d in fts]
-
-    def r(method: str, weights: list[float] | None = None, **params):
-        ms = models if weights is None else [{**m, "parameters": {"weight": w}} for m, w in zip(models, weights)]
-        return {"method": method, "base_model": str(base), "models": ms, "parameters": params}
-
-    return {
-        "task_arithmetic": r("task_arithmetic", **{"lambda": 0.3}),
-        "ties (tensor)": r("ties", density=0.2, merge_func="sum", trim_scope="tensor", **{"lambda": 0.3}),
-        "ties (model)": r("ties", density=0.2, merge_func="sum", trim_scope="model", **{"lambda": 0.3}),
-        # per-model weights != 1 that change every trial: masks are cached, the sign election runs per trial
-        "ties (tensor, weighted)": r("ties", weights=[0.3, 0.4, 0.5, 0.6], density=0.2, merge_func="sum",
-                                    trim_scope="tensor", **{"lambda": 0.3}),
-        "dare_ties (model)": r("dare_ties", density=0.5, rescale="inverse", trim_density=0.2, trim_scope="model",
-                               merge_func="sum", **{"lambda": 0.3}),
-    }
+@dataclass(frozen=True)
+class Row:
+    name: str  # method and scope
+    changes: str  # what is new in every trial
+    family: str  # rows of one family share their baselines (a)/(b)
+    recipe: Callable[[int], dict]  # trial i's recipe data
+    reads: Callable[[int, int, int], float]  # bytes a trial touches, from (P, N, task-vector bytes per entry)
+    threads: int = 1
+    trials: int | None = None  # fewer for slow rows
+    mergekit: bool = False  # MergeKit can express the recipe
 
 
-def with_lambda(data: dict, lam: float):
-    return recipe_from_dict({**data, "parameters": {**data["parameters"], "lambda": lam}})
+def _models(fts: list[Path], weights: list[float] | None = None, density: list[float] | None = None) -> list[dict]:
+    out = []
+    for i, d in enumerate(fts):
+        params = {}
+        if weights is not None:
+            params["weight"] = weights[i]
+        if density is not None:
+            params["density"] = density[i]
+        out.append({"model": str(d), **({"parameters": params} if params else {})})
+    return out
 
 
-def trial_recipe(data: dict, i: int):
-    """Trial ``i``: its own λ and, for a recipe with per-model weights, its own weights (nothing carries over)."""
-    models = [
-        {**m, "parameters": {"weight": round(m["parameters"]["weight"] * (1 + 0.05 * i), 4)}} if "parameters" in m else m
-        for m in data["models"]
+def rows(base: Path, fts: list[Path], threads: list[int], slow_trials: int, della: bool) -> list[Row]:
+    n = len(fts)
+
+    def r(method: str, i: int, weights=None, density=None, seed: int = 0, **params) -> dict:
+        return {"method": method, "base_model": str(base), "models": _models(fts, weights, density), "seed": seed,
+                "parameters": {"lambda": LAMBDAS[i], **params}}
+
+    def new_weights(i: int) -> list[float]:
+        return [round((0.3 + 0.1 * m) * (1 + 0.05 * i), 4) for m in range(n)]
+
+    def new_densities(i: int) -> list[float]:
+        return [DENSITIES[(i + m) % len(DENSITIES)] for m in range(n)]
+
+    ta = lambda p, k, b: (8 + k * b) * p  # noqa: E731 - read θ₀, read N τ, write the model
+    scan = lambda p, k, b: (8 + 2 * k * b) * p  # noqa: E731 - one scan of each τ for its cut + the fused pass
+    cached = lambda p, k, b: 12 * p  # noqa: E731 - read θ₀ and the cached merged delta, write the model
+    l1 = lambda p, k, b: (8 + 2 * k * b + 8 * k) * p  # noqa: E731 - + per model: read τ, write and sum |τ·mask|
+    out = []
+    for t in threads:
+        out += [
+            Row("task_arithmetic", "λ", "ta", lambda i: r("task_arithmetic", i), ta, t, mergekit=True),
+            Row("ties (tensor)", "density", "ties_tensor",
+                lambda i: r("ties", i, density=[DENSITIES[i]] * n, merge_func="sum"), scan, t),
+        ]
+    out += [
+        Row("ties (tensor)", "λ (density .2)", "ties_tensor", lambda i: r("ties", i, density=[0.2] * n, merge_func="sum"),
+            cached),
+        Row("ties (tensor, weighted)", "weights + per-model density", "ties_tensor",
+            lambda i: r("ties", i, weights=new_weights(i), density=new_densities(i)), scan, mergekit=True),
+        Row("ties (model)", "density", "ties_model",
+            lambda i: r("ties", i, density=[DENSITIES[i]] * n, merge_func="sum", trim_scope="model"), scan),
+        Row("breadcrumbs_ties", "density", "breadcrumbs",
+            lambda i: r("breadcrumbs_ties", i, density=[DENSITIES[i] + 0.3] * n, gamma=0.01), scan,
+            mergekit=True),
+        Row("dare_ties (tensor), rescale inverse", "density", "dare_ties",
+            lambda i: r("dare_ties", i, density=[DENSITIES[i] + 0.3] * n, rescale="inverse"), ta),
+        Row("dare_ties (tensor), rescale inverse", "seed (density .5)", "dare_ties",
+            lambda i: r("dare_ties", i, density=[0.5] * n, rescale="inverse", seed=i), ta),
+        Row("dare_ties (tensor), rescale l1", "density", "dare_ties",
+            lambda i: r("dare_ties", i, density=[DENSITIES[i] + 0.3] * n, rescale="l1"), l1, mergekit=True),
     ]
-    return with_lambda({**data, "models": models}, LAMBDAS[i])
+    if della:  # still the mask path (per-row rank sampling): a cold trial, ~1 min at 100M
+        out.append(Row("della", "density", "della",
+                       lambda i: r("della", i, density=[DENSITIES[i] + 0.3] * n, epsilon=0.1), ta, trials=slow_trials))
+    return out
 
 
-def copy_bandwidth(nbytes: int = 512 * 1024**2) -> float:
+def copy_bandwidth(nbytes: int = 256 * 1024**2) -> float:
     """Bytes per second moved (read + write) by torch copy_ of a large float32 buffer."""
     src = torch.rand(nbytes // 4)
     dst = torch.empty_like(src)
@@ -89,29 +141,57 @@ def copy_bandwidth(nbytes: int = 512 * 1024**2) -> float:
     return 2 * nbytes / min(times)
 
 
-def timed(fn, n: int) -> list[float]:
+def timed(fn: Callable[[int], object], n: int, first: int = 0) -> list[float]:
     out = []
-    for i in range(n):
+    for i in range(first, first + n):
         t0 = time.perf_counter()
         fn(i)
         out.append(time.perf_counter() - t0)
     return out
 
 
+def open_zoo(arg: str | None, small: bool) -> tuple[Path, list[Path]]:
+    """The script's own generated zoo (built, or reused when its marker matches), or a folder set given with --zoo:
+    ``DIR/base`` plus every other model folder in DIR. A folder the script did not generate is never modified."""
+    n_params = 10_000_000 if small else 100_000_000
+    root = Path(arg or f"/tmp/searchmerge-store-zoo{'-small' if small else ''}")
+    marker = root / "zoo.json"
+    if root.exists() and not marker.is_file():
+        base = root / "base"
+        fts = sorted(d for d in root.iterdir() if d.is_dir() and d != base and (d / "config.json").is_file())
+        if not (base / "config.json").is_file() or not fts:
+            raise SystemExit(f"--zoo {root}: expected {base} and at least one other model folder (with config.json)")
+        return base, fts
+    if marker.is_file() and json.loads(marker.read_text()).get("n_params") != n_params:
+        raise SystemExit(f"--zoo {root} holds a generated zoo of another size: pass another folder (or --small)")
+    return make_synthetic_zoo(root, n_params=n_params, n_models=4)
+
+
+def mergekit_trial(exe: str, data: dict, tmp: Path) -> None:
+    """One ``mergekit-yaml`` run on the recipe (its own process), output deleted after."""
+    from searchmerge.mergekit import to_mergekit_yaml
+
+    cfg = tmp / "mk.yaml"
+    cfg.write_text(to_mergekit_yaml(recipe_from_dict(data)))
+    subprocess.run([exe, str(cfg), str(tmp / "mk-out"), "--random-seed", "0"], check=True, capture_output=True)
+    shutil.rmtree(tmp / "mk-out", ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="10M-parameter zoo, fewer trials")
-    ap.add_argument("--zoo", default=None, help="zoo cache folder")
+    ap.add_argument("--zoo", default=None, help="zoo folder: generated here (reused) or DIR/base + model folders")
     ap.add_argument("--trials", type=int, default=None, help="timed trials per resident row")
-    ap.add_argument("--baseline-trials", type=int, default=None, help="timed trials per baseline row")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads for every path (1: two threads stall each other on a busy 2-core box)")
+    ap.add_argument("--baseline-trials", type=int, default=None, help="timed trials per baseline")
+    ap.add_argument("--threads", default="1,2", help="kernel threads of the store's actor, one row set per value")
+    ap.add_argument("--no-baselines", action="store_true", help="resident rows only")
+    ap.add_argument("--mergekit-yaml", default=None, help="MergeKit's mergekit-yaml executable (another venv)")
+    ap.add_argument("--della", action="store_true", help="add the DELLA row (mask path, ~1 min per trial at 100M)")
     args = ap.parse_args()
-    n_params = 10_000_000 if args.small else 100_000_000
     trials = args.trials or (3 if args.small else 9)
     btrials = args.baseline_trials or (1 if args.small else 2)
-    zoo_dir = Path(args.zoo or f"/tmp/searchmerge-store-zoo{'-small' if args.small else ''}")
-    torch.set_num_threads(args.threads)
+    threads = [int(t) for t in args.threads.split(",")]
+    torch.set_num_threads(1)
 
     import ray
     from transformers import AutoModelForCausalLM
@@ -119,91 +199,93 @@ def main() -> None:
     from searchmerge.store import TaskVectorStore
 
     t0 = time.perf_counter()
-    base, fts = make_synthetic_zoo(zoo_dir, n_params=n_params, n_models=4)
-    print(f"zoo: {zoo_dir} ({time.perf_counter() - t0:.1f} s)", flush=True)
-    bw = copy_bandwidth()  # same thread count as the store's actor
-    print(f"copy bandwidth: {bw / 1e9:.2f} GB/s (read+write, torch copy_, {args.threads} threads)", flush=True)
-    # two stores (fp32 and bf16 residency) each hold one actor that runs `threads` torch threads; only one works at a time
+    base, fts = open_zoo(args.zoo, args.small)
+    print(f"zoo: {base.parent} ({len(fts)} fine-tuned; {time.perf_counter() - t0:.1f} s)", flush=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     tmp = Path(tempfile.mkdtemp(prefix="bench_trial_"))
-    rows = []
+    stores: dict[int, tuple] = {}
+    baselines: dict[str, tuple[float | None, float | None, float | None]] = {}
+    results = []
     try:
-        stores = {}
-        for res in ("float32", "bfloat16"):
+        for t in threads:
             t0 = time.perf_counter()
-            s = TaskVectorStore.build(base, fts, num_actors=1, cpus_per_actor=1, threads_per_actor=args.threads,
-                                      residency_dtype=res)
+            s = TaskVectorStore.build(base, fts, num_actors=1, cpus_per_actor=1, threads_per_actor=t)
             ev = s.attach_evaluator(functools.partial(AutoModelForCausalLM.from_pretrained, base))
-            print(f"store ({res}): built in {time.perf_counter() - t0:.1f} s", flush=True)
-            stores[res] = (s, ev)
-        s32 = stores["float32"][0]
-        P, N = s32.n_params, s32.n_models
-        for name, data in recipes(base, fts).items():
-            ties_family = name != "task_arithmetic"
+            stores[t] = (s, ev)
+            print(f"store ({t} thread(s)): built in {time.perf_counter() - t0:.1f} s", flush=True)
+        s0 = stores[threads[0]][0]
+        P, N = s0.n_params, s0.n_models
+        for row in rows(base, fts, threads, max(2, trials // 3), args.della):
+            if row.family not in baselines and not args.no_baselines:
+                data = row.recipe
 
-            def fusionbench(i, data=data):
-                merged = core_merge(trial_recipe(data, i))
-                model = AutoModelForCausalLM.from_pretrained(base)
-                model.load_state_dict(merged, strict=False)
+                def fusionbench(i: int) -> None:
+                    merged = core_merge(recipe_from_dict(data(i)))
+                    AutoModelForCausalLM.from_pretrained(base).load_state_dict(merged, strict=False)
 
-            def mergekit(i, data=data):
-                out = core_merge(trial_recipe(data, i), out=tmp / "merged", overwrite=True)
-                AutoModelForCausalLM.from_pretrained(out)
-                shutil.rmtree(out)
+                def mergekit_loop(i: int) -> None:
+                    out = core_merge(recipe_from_dict(data(i)), out=tmp / "merged", overwrite=True)
+                    AutoModelForCausalLM.from_pretrained(out)
+                    shutil.rmtree(out)
 
-            a = statistics.median(timed(fusionbench, btrials))
-            print(f"{name}: (a) {a:.2f} s", flush=True)
-            b = statistics.median(timed(mergekit, btrials))
-            print(f"{name}: (b) {b:.2f} s", flush=True)
-            for res, (s, ev) in stores.items():
-                res_bytes = 2 if res == "bfloat16" else 4
-                touched = P * 4 + N * P * res_bytes + P * 4 + (N * P / 8 if ties_family else 0)
-                row_bw = copy_bandwidth(256 * 1024**2)  # this moment's bandwidth: the shared box drifts by ±50%
-                bound = touched / row_bw
-                s.clear_cache()
-                t0 = time.perf_counter()
-                s.merge_into(trial_recipe(data, 0), ev)
-                cold = time.perf_counter() - t0
-                c = statistics.median(timed(lambda i, data=data, s=s, ev=ev: s.merge_into(trial_recipe(data, i + 1), ev), trials))
-                err = None
-                if res == "bfloat16":
-                    ref = s32.merge(with_lambda(data, 0.3))
-                    got = s.merge(with_lambda(data, 0.3))
-                    err = max((got[k].float() - ref[k].float()).abs().max().item() for k in ref if ref[k].is_floating_point())
-                    scale = max(ref[k].float().abs().max().item() for k in ref if ref[k].is_floating_point())
-                    err = (err, scale)
-                st = s.stats()
-                rows.append(dict(method=name, res=res, a=a, b=b, c=c, cold=cold, bound=bound, bw=row_bw, err=err,
-                                 rss=st["peak_rss_bytes"], anon=max(a["rss_anon_bytes"] for a in st["actors"]),
-                                 resident=st["resident_bytes"], cache=st["cache_bytes"],
-                                 ev=st["evaluator_bytes"], limit=st["bound_bytes"]))
-                print(f"{name} [{res}]: (c) {c * 1e3:.0f} ms (cold {cold:.2f} s), bound {bound * 1e3:.0f} ms", flush=True)
-        print()
-        print(f"P = {P / 1e6:.1f}M parameters, N = {N} fine-tuned models; copy bandwidth {bw / 1e9:.2f} GB/s; "
-              f"torch threads {args.threads}; baseline trials {btrials}, resident trials {trials} (median)")
-        print()
-        print("| method | residency | (a) reload+merge+from_pretrained | (b) merge to disk + from_pretrained "
-              "| (c) resident merge_into | (c) first trial (cold cache) | (a)/(c) | (b)/(c) | copy bandwidth "
-              "| bandwidth bound | (c)/bound |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['method']} | {r['res']} | {r['a']:.2f} s | {r['b']:.2f} s | {r['c'] * 1e3:.0f} ms | "
-                  f"{r['cold']:.2f} s | {r['a'] / r['c']:.1f} | {r['b'] / r['c']:.1f} | {r['bw'] / 1e9:.1f} GB/s | "
-                  f"{r['bound'] * 1e3:.0f} ms | "
-                  f"{r['c'] / r['bound']:.2f} |")
-        print()
-        print("| method | residency | resident bytes | mask cache | co-located eval model | actor anon RSS now | "
-              "actor peak RSS (incl. mmap'd checkpoints) | 1.2·(N+1)·P·4 | bf16 max abs err (vs fp32 residency) / max |w| |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for r in rows:
-            err = "" if r["err"] is None else f"{r['err'][0]:.2e} / {r['err'][1]:.2f}"
-            print(f"| {r['method']} | {r['res']} | {r['resident'] / 1e9:.2f} GB | {r['cache'] / 1e6:.0f} MB | "
-                  f"{r['ev'] / 1e9:.2f} GB | {r['anon'] / 1e9:.2f} GB | {r['rss'] / 1e9:.2f} GB | {r['limit'] / 1e9:.2f} GB | {err} |")
+                a = statistics.median(timed(fusionbench, btrials))
+                b = statistics.median(timed(mergekit_loop, btrials))
+                mk = None
+                if args.mergekit_yaml and row.mergekit:
+                    mk = statistics.median(timed(lambda i: mergekit_trial(args.mergekit_yaml, data(i), tmp), btrials))
+                baselines[row.family] = (a, b, mk)
+                print(f"{row.family}: (a) {a:.2f} s, (b) {b:.2f} s" + (f", mergekit {mk:.2f} s" if mk else ""),
+                      flush=True)
+            s, ev = stores[row.threads]
+            s.clear_cache()
+            torch.set_num_threads(row.threads)  # the bandwidth those threads get now (the box drifts)
+            bw = copy_bandwidth()
+            torch.set_num_threads(1)
+            t0 = time.perf_counter()
+            s.merge_into(recipe_from_dict(row.recipe(0)), ev)
+            cold = time.perf_counter() - t0
+            n = row.trials or trials
+            c = statistics.median(timed(lambda i: s.merge_into(recipe_from_dict(row.recipe(i)), ev), n, first=1))
+            st = s.stats()
+            res = dict(row=row, c=c, cold=cold, bw=bw, bound=row.reads(P, N, 4) / bw, n=n,
+                       cache=st["cache_bytes"], order=sum(a.get("order_stats_bytes", 0) for a in st["actors"]),
+                       resident=st["resident_bytes"], anon=max(a["rss_anon_bytes"] for a in st["actors"]))
+            results.append(res)
+            print(f"{row.name}, new {row.changes}, {row.threads} thread(s): (c) {c * 1e3:.0f} ms (cold {cold:.2f} s), "
+                  f"bound {res['bound'] * 1e3:.0f} ms", flush=True)
+        print_tables(results, baselines, P, N, trials, btrials, base.parent)
     finally:
-        for s, _ in locals().get("stores", {}).values():
+        for s, _ in stores.values():
             s.close()
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_tables(results: list[dict], baselines: dict, P: int, N: int, trials: int, btrials: int, zoo: Path) -> None:
+    ta = {r["row"].threads: r["c"] for r in results if r["row"].family == "ta"}
+    print()
+    print(f"zoo {zoo}: P = {P / 1e6:.1f}M parameters, N = {N} fine-tuned models, float32; baseline trials {btrials}, "
+          f"resident trials {trials} (median; DARE rows fewer)")
+    print()
+    print("| method | new every trial | threads | (a) reload+merge+from_pretrained | (b) merge to disk + from_pretrained "
+          "| mergekit-yaml | (c) resident merge_into | (c) first trial (cold) | (a)/(c) | (b)/(c) | (c)/TA(c) "
+          "| bound | (c)/bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        row = r["row"]
+        a, b, mk = baselines.get(row.family, (None, None, None))
+        fmt = lambda x: "" if x is None else f"{x:.2f} s"  # noqa: E731
+        ratio = lambda x: "" if x is None else f"{x / r['c']:.1f}"  # noqa: E731
+        print(f"| {row.name} | {row.changes} | {row.threads} | {fmt(a)} | {fmt(b)} | {fmt(mk)} | {r['c'] * 1e3:.0f} ms "
+              f"| {r['cold']:.2f} s | {ratio(a)} | {ratio(b)} | {r['c'] / ta[row.threads]:.2f} "
+              f"| {r['bound'] * 1e3:.0f} ms ({r['bw'] / 1e9:.0f} GB/s) | {r['c'] / r['bound']:.2f} |")
+    print()
+    print("| method | new every trial | threads | resident bytes | cache | order statistics | actor anon RSS |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        row = r["row"]
+        print(f"| {row.name} | {row.changes} | {row.threads} | {r['resident'] / 1e9:.2f} GB | {r['cache'] / 1e6:.0f} MB "
+              f"| {r['order'] / 1e6:.1f} MB | {r['anon'] / 1e9:.2f} GB |")
 
 
 if __name__ == "__main__":

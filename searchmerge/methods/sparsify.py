@@ -35,10 +35,11 @@ def mask_key(rng: torch.Generator | None) -> tuple[int, int]:
 
 def counter_draws(key: tuple[int, int], start: int, stop: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The 24-bit draws (int64) of entries ``[start, stop)`` of a mask keyed ``key``: entry ``j`` draws
-    ``mix(mix((j mod 2**32) ^ k1) ^ k2 ^ (j >> 32)) >> 8`` — a function of (key, j) alone."""
+    ``mix(((j mod 2**32) + (k2 ^ (j >> 32))) mod 2**32 ^ k1) >> 8`` — a function of (key, j) alone (one round of a
+    multiply-xorshift integer hash: the kernels compute it per entry at about a task-arithmetic pass's cost)."""
     j = torch.arange(start, stop, dtype=torch.int64, device=device)
-    x = _mix32((j & _M32) ^ key[0])
-    return _mix32(x ^ key[1] ^ (j >> 32)) >> (32 - DRAW_BITS)
+    x = (((j & _M32) + (key[1] ^ (j >> 32))) & _M32) ^ key[0]
+    return _mix32(x) >> (32 - DRAW_BITS)
 
 
 def keep_threshold(density: float) -> int:

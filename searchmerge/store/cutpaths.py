@@ -74,7 +74,8 @@ class CutPaths:
                     return ranks.stage_keep(stage.sparsification, stage.density[m], gamma,
                                             kernels.as_kernel_array(taus[m].reshape(-1)), self._hist(k, sel[m]))
 
-                cuts = kernels.map_threads(one, range(len(sel)), self.threads)
+                threads = self.threads if n >= kernels.MIN_PER_THREAD else 1  # small tensors: no pool hand-off
+                cuts = kernels.map_threads(one, range(len(sel)), threads)
             ops = [("div", stage.density[m]) if stage.thresholds is None and stage.rescale == "inverse"
                    and stage.density[m] < 1 else ("none",) for m in range(len(sel))]
         self.cache.put(key, (cuts, ops), sum(c.nbytes for c in cuts), CHEAP)

@@ -189,10 +189,16 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-@lru_cache(maxsize=256)
 def compiled(src: str) -> Callable[..., None]:
-    """The ``kernel`` of a generated source, imported from the cache folder (numba caches it on disk there);
-    compiled in memory if the folder is not writable."""
+    """The ``kernel`` of a generated source (see :func:`compiled_module`)."""
+    return compiled_module(src).kernel
+
+
+@lru_cache(maxsize=64)
+def compiled_module(src: str) -> Any:
+    """A generated source, imported from the cache folder (numba caches it on disk there); compiled in memory if the
+    folder is not writable. Its name hashes the source and ``kernels_support.py``, so an edit of either compiles
+    anew (numba's own cache keys a module by its file's timestamp and misses edits of the helpers it inlines)."""
     # numba's cache does not see edits to imported helpers: hash them into the module name too
     support = Path(__file__).with_name("kernels_support.py").read_bytes()
     name = f"searchmerge_kernel_{hashlib.sha1(src.encode() + support).hexdigest()[:16]}"
@@ -209,11 +215,13 @@ def compiled(src: str) -> Callable[..., None]:
         module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
         sys.modules[name] = module  # numba's cache resolves the function's module by name
         spec.loader.exec_module(module)  # type: ignore[union-attr]
-        return module.kernel
+        return module
     except OSError:  # pragma: no cover - no writable cache folder
-        namespace: dict[str, Any] = {}
-        exec(compile(src.replace("cache=True", "cache=False"), name, "exec"), namespace)
-        return namespace["kernel"]
+        import types
+
+        module = types.ModuleType(name)
+        exec(compile(src.replace("cache=True", "cache=False"), name, "exec"), module.__dict__)
+        return module
 
 
 @lru_cache(maxsize=256)
@@ -437,15 +445,12 @@ def _rule_arrays(keeps: Sequence[tuple]) -> tuple[np.ndarray, ...]:
     )
 
 
-if numba is not None:
-    from searchmerge.store.kernels_support import counter24, load
 
-    @numba.njit(cache=True, nogil=True, fastmath=False)
-    def _random_masked_abs(x, k1, k2, t, out):  # noqa: ANN001, ANN202
-        for j in range(len(out)):
-            out[j] = abs(load(x, j) * np.float32(counter24(k1, k2, j) < t))
+_MASKED_ABS = _HEADER.format(what="|x·random mask|", args="x, k1, k2, t, out") + """    for j in range(len(out)):
+        out[j] = abs(load(x, j) * np.float32(counter24(k1, k2, j) < t))
+"""
 
 
 def random_masked_abs(x: np.ndarray, rand: tuple[int, int, int], out: np.ndarray) -> None:
     """``out = |x·mask|`` for a whole tensor's random mask ``rand`` (k1, k2, threshold), as float32."""
-    _random_masked_abs(x, np.uint32(rand[0]), np.uint32(rand[1]), np.uint32(rand[2]), out)
+    compiled(_MASKED_ABS)(x, np.uint32(rand[0]), np.uint32(rand[1]), np.uint32(rand[2]), out)

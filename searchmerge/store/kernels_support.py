@@ -96,6 +96,5 @@ def _mix32(x):  # noqa: ANN001, ANN202
 @register_jitable(inline="always")
 def counter24(k1, k2, j):  # noqa: ANN001, ANN202
     """Entry ``j``'s 24-bit draw of the mask keyed (k1, k2): ``searchmerge.methods.sparsify.counter_draws``'s integers,
-    in uint32 arithmetic (a product's low 32 bits are the same as the int64 product masked to 32 bits)."""
-    x = _mix32(_U(_U(j & 0xFFFFFFFF) ^ k1))
-    return _U(_mix32(_U(_U(x ^ k2) ^ _U(j >> 32))) >> _S8)
+    in uint32 arithmetic (a sum's or product's low 32 bits are the int64 result masked to 32 bits)."""
+    return _U(_mix32(_U(_U(_U(j & 0xFFFFFFFF) + _U(k2 ^ _U(j >> 32))) ^ k1)) >> _S8)
