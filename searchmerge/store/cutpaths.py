@@ -109,7 +109,10 @@ class CutPaths:
         before = self.l1_norms.get((k, i))
         if before is None:
             before = self.l1_norms[(k, i)] = tau.to(F32).abs().sum()
-        masked = torch.empty(tau.numel(), dtype=F32)
+        scratch = getattr(self, "_l1_scratch", None)
+        if scratch is None or scratch.numel() < tau.numel():  # one buffer, reused: no page faults per trial
+            scratch = self._l1_scratch = torch.empty(max(t.numel() for t in self.base.values()), dtype=F32)
+        masked = scratch[: tau.numel()]
         kernels.random_masked_abs(kernels.as_kernel_array(tau.reshape(-1)), cut.rand, masked.numpy())
         after = masked.sum()
         if before < 1e-7 or after < 1e-7:
