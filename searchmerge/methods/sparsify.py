@@ -113,6 +113,18 @@ def smallest_mask(abs_values: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
+def breadcrumbs_band(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """``(n_bot, n_top)``: breadcrumbs drops the ``n_top`` largest and the ``n_bot`` smallest of ``n`` magnitudes,
+    keeping ``int(density·n)``; when the two overlap the top cut shrinks (MergeKit's rule)."""
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = n - target - n_top
+    if n_bot < 0:
+        n_top += n_bot
+        n_bot = 0
+    return n_bot, n_top
+
+
 def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Breadcrumbs: drop the top ``gamma`` fraction by magnitude, then the smallest, keeping ``density``.
 
@@ -122,12 +134,7 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
     if density >= 1:
         return torch.ones_like(delta)
     n = delta.numel()
-    target = int(density * n)
-    n_top = int(gamma * n)
-    n_bot = n - target - n_top
-    if n_bot < 0:
-        n_top += n_bot
-        n_bot = 0
+    n_bot, n_top = breadcrumbs_band(n, density, gamma)
     w = delta.abs().reshape(-1)
     keep = smallest_mask(w, n - n_top) & ~smallest_mask(w, n_bot)
     return keep.reshape(delta.shape).to(delta.dtype)

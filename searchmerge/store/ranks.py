@@ -26,6 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
+from searchmerge.methods.sparsify import breadcrumbs_band
+
 Keep = tuple  # (kind, lc, lq, lr, uc, up)
 
 NONE_BITS = 0xFFFFFFFF  # above every finite |x| bit pattern
@@ -281,12 +283,7 @@ def stage_keep(method: str | None, density: float, gamma: float, x: np.ndarray, 
     if method == "magnitude":
         return largest_keep(x, hist, int(density * n))
     if method == "magnitude_outliers":
-        target = int(density * n)
-        n_top = int(gamma * n)
-        n_bot = n - target - n_top
-        if n_bot < 0:
-            n_top += n_bot
-            n_bot = 0
+        n_bot, n_top = breadcrumbs_band(n, density, gamma)
         return band_keep(x, hist, n_bot, n - n_top)
     raise ValueError(f"no order-statistics keep rule for {method!r}")
 
