@@ -14,7 +14,8 @@ Baselines (searchmerge code in the peers' loop patterns, not the peers themselve
 (c) the resident store: ``TaskVectorStore.merge_into(recipe, evaluator)`` into a model that lives on the store's actor
     (1 actor; ``threads`` kernel threads): no disk, no re-instantiation.
 
-Each row says what changes every trial (λ; per-model weights; density). Its bound is the bytes that row's trial
+Each row says what changes every trial (λ; per-model weights; density; a 3-knot depth gradient of density or weight,
+MergeKit's list syntax, resolved per tensor inside the same fused passes). ``--rows WORDS`` runs a subset. Its bound is the bytes that row's trial
 must touch divided by the copy bandwidth measured right before the row (the shared machine's bandwidth drifts):
 task arithmetic reads θ₀ and the N task vectors and writes the model; a cached unit-weight TIES trial (new λ) reads
 θ₀ and the cached merged delta and writes the model (three streams); a new TIES / breadcrumbs density scans each
@@ -95,6 +96,10 @@ def rows(base: Path, fts: list[Path], threads: list[int], slow_trials: int, dell
     def new_densities(i: int) -> list[float]:
         return [DENSITIES[(i + m) % len(DENSITIES)] for m in range(n)]
 
+    def gradient(i: int, shift: float = 0.0) -> list[list[float]]:
+        """A new 3-knot depth gradient every trial (MergeKit's list syntax), the same for every model."""
+        return [[DENSITIES[(i + j) % len(DENSITIES)] + shift for j in range(3)]] * n
+
     ta = lambda p, k, b: (8 + k * b) * p  # noqa: E731 - read θ₀, read N τ, write the model
     scan = lambda p, k, b: (8 + 2 * k * b) * p  # noqa: E731 - one scan of each τ for its cut + the fused pass
     cached = lambda p, k, b: 12 * p  # noqa: E731 - read θ₀ and the cached merged delta, write the model
@@ -109,6 +114,10 @@ def rows(base: Path, fts: list[Path], threads: list[int], slow_trials: int, dell
     out += [
         Row("ties (tensor)", "λ (density .2)", "ties_tensor", lambda i: r("ties", i, density=[0.2] * n, merge_func="sum"),
             cached),
+        Row("ties (tensor)", "density gradient (3 knots)", "ties_tensor",
+            lambda i: r("ties", i, density=gradient(i), merge_func="sum"), scan),
+        Row("task_arithmetic", "weight gradient (3 knots)", "ta",
+            lambda i: r("task_arithmetic", i, weights=[[w * 3 for w in g] for g in gradient(i)]), ta),
         Row("ties (tensor, weighted)", "weights + per-model density", "ties_tensor",
             lambda i: r("ties", i, weights=new_weights(i), density=new_densities(i)), scan, mergekit=True),
         Row("ties (model)", "density", "ties_model",
@@ -120,6 +129,8 @@ def rows(base: Path, fts: list[Path], threads: list[int], slow_trials: int, dell
             lambda i: r("dare_ties", i, density=[DENSITIES[i] + 0.3] * n, rescale="inverse"), ta),
         Row("dare_ties (tensor), rescale inverse", "seed (density .5)", "dare_ties",
             lambda i: r("dare_ties", i, density=[0.5] * n, rescale="inverse", seed=i), ta),
+        Row("dare_ties (tensor), rescale inverse", "density gradient (3 knots)", "dare_ties",
+            lambda i: r("dare_ties", i, density=gradient(i, 0.3), rescale="inverse"), ta),
         Row("dare_ties (tensor), rescale l1", "density", "dare_ties",
             lambda i: r("dare_ties", i, density=[DENSITIES[i] + 0.3] * n, rescale="l1"), l1, mergekit=True),
     ]
@@ -127,6 +138,15 @@ def rows(base: Path, fts: list[Path], threads: list[int], slow_trials: int, dell
         out.append(Row("della", "density", "della",
                        lambda i: r("della", i, density=[DENSITIES[i] + 0.3] * n, epsilon=0.1), ta, trials=slow_trials))
     return out
+
+
+def select_rows(all_rows: list[Row], words: str | None) -> list[Row]:
+    """The rows a ``--rows`` filter names, and the task-arithmetic λ rows every ratio is taken against."""
+    if not words:
+        return all_rows
+    keys = [w.strip() for w in words.split(",") if w.strip()]
+    return [r for r in all_rows if (r.family == "ta" and r.changes == "λ")
+            or any(k in f"{r.name}, {r.changes}" for k in keys)]
 
 
 def copy_bandwidth(nbytes: int = 256 * 1024**2) -> float:
@@ -186,6 +206,9 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="kernel threads of the store's actor, one row set per value")
     ap.add_argument("--no-baselines", action="store_true", help="resident rows only")
     ap.add_argument("--mergekit-yaml", default=None, help="MergeKit's mergekit-yaml executable (another venv)")
+    ap.add_argument("--rows", default=None,
+                    help="only the rows whose 'method, new every trial' contains one of these comma-separated words "
+                         "(the task-arithmetic λ rows always run: every ratio is against them)")
     ap.add_argument("--della", action="store_true", help="add the DELLA row (mask path, ~1 min per trial at 100M)")
     args = ap.parse_args()
     trials = args.trials or (3 if args.small else 9)
@@ -215,7 +238,7 @@ def main() -> None:
             print(f"store ({t} thread(s)): built in {time.perf_counter() - t0:.1f} s", flush=True)
         s0 = stores[threads[0]][0]
         P, N = s0.n_params, s0.n_models
-        for row in rows(base, fts, threads, max(2, trials // 3), args.della):
+        for row in select_rows(rows(base, fts, threads, max(2, trials // 3), args.della), args.rows):
             if row.family not in baselines and not args.no_baselines:
                 data = row.recipe
 
@@ -262,7 +285,7 @@ def main() -> None:
 
 
 def print_tables(results: list[dict], baselines: dict, P: int, N: int, trials: int, btrials: int, zoo: Path) -> None:
-    ta = {r["row"].threads: r["c"] for r in results if r["row"].family == "ta"}
+    ta = {r["row"].threads: r["c"] for r in results if r["row"].family == "ta" and r["row"].changes == "λ"}
     print()
     print(f"zoo {zoo}: P = {P / 1e6:.1f}M parameters, N = {N} fine-tuned models, float32; baseline trials {btrials}, "
           f"resident trials {trials} (median; DARE rows fewer)")
