@@ -38,7 +38,7 @@ _DROPPED_PARAMS = ("int8_mask",)  # a memory option in MergeKit; no effect on th
 #: GTA methods whose MergeKit boolean `rescale` (L1-norm matching after sparsifying) is our `rescale: l1|none`.
 _RESCALED = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
 #: Our parameters that the MergeKit method lacks (MergeKit would ignore them): exported only at their default.
-_OURS_ONLY = {"sce": {"lambda": 1.0}}
+_OURS_ONLY = {"sce": {"lambda": 1.0}, "ties": {"elect_on": "weighted"}}
 
 
 def _model_path(entry: Any, where: str) -> str:

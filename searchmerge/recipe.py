@@ -203,8 +203,9 @@ def validate_recipe(recipe: Recipe) -> None:
                 )
             _checked(lambda: _check_value(param, value, f"models[{i}] ({entry.model})"), loc)
     if spec.prepare is not None and spec.needs_prepare(global_scalars(recipe)):
+        reads = getattr(spec.prepare, "reads", None)  # default: every per-model parameter
         for p in spec.params:
-            if p.per_model:
+            if p.per_model and (reads is None or p.name in reads):
                 for i in range(n):
                     v = _raw_value(recipe, p, i)
                     if isinstance(v, list):

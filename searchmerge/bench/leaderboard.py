@@ -5,7 +5,7 @@ average, task arithmetic (λ=0.3), TIES and DARE-TIES (FusionBench presets), the
 registered at run time (``magmax``, ``model_stock``, ``iso_c``, ``tsv_m``), and a task-arithmetic λ
 sweep that shows how coefficient-sensitive merging is, and the data-driven rows (``kind="fusion"``, see
 :mod:`searchmerge.fusion.jobs`): Fisher merging, RegMean and RegMean++ on 256 train examples per model, task- and
-layer-wise AdaMerging adapted on unlabelled validation batches, and prediction ensembles (evaluated, not
+layer-wise AdaMerging adapted on unlabelled validation batches (and AdaMerging++ on TIES vectors), and prediction ensembles (evaluated, not
 merged: N forward passes per example). Written atomically as Markdown, CSV and Parquet.
 """
 
@@ -51,6 +51,8 @@ FUSION: list[Entry] = [
     Entry("regmean_plusplus", "regmean_plusplus", {}, kind="fusion"),
     Entry("adamerging_task", "adamerging", {"granularity": "task", **ADAMERGING}, kind="fusion"),
     Entry("adamerging_layer", "adamerging", {"granularity": "layer", **ADAMERGING}, kind="fusion"),
+    Entry("adamerging_pp_task", "adamerging", {"granularity": "task", "ties": True, **ADAMERGING}, kind="fusion"),
+    Entry("adamerging_pp_layer", "adamerging", {"granularity": "layer", "ties": True, **ADAMERGING}, kind="fusion"),
     Entry("ensemble_simple", "ensemble", {"mode": "simple"}, kind="fusion"),
     Entry("ensemble_max", "ensemble", {"mode": "max"}, kind="fusion"),
 ]

@@ -11,6 +11,12 @@ Data: the ``validation`` split by default (this project's search split); ``train
 inputs (test-time adaptation); here that is opt-in. The learned λ are written as an ordinary
 ``task_arithmetic`` recipe (λ = 1, per-model ``weight`` conditionals on exact tensor names, longest name
 first so a name that contains another never takes its value) which ``searchmerge merge`` reproduces exactly.
+
+``ties: true`` is AdaMerging++ (the AdaMerging repository's ``main_*_adamergingpp.py``): λ multiplies the TIES
+vectors τ̃_i instead of τ_i — each τ_i trimmed to its top ``ties_density`` (0.2) by magnitude over the whole model
+(FusionBench / the TIES code's ``topk_values_mask``), then masked to the sign elected on the *unweighted* sum
+Σ_j τ̂_j (``dis-sum``: each model keeps its own agreeing entries, λ applied after). Its recipe is the merge
+core's ``ties`` with ``trim_scope: model``, ``merge_func: sum``, ``elect_on: unweighted`` and the λ as weights.
 """
 
 from __future__ import annotations
@@ -43,9 +49,14 @@ class AdaMergingConfig:
     split: str = "validation"
     allow_test: bool = False
     device: str = "cpu"  # auto | cpu | cuda: where the task vectors and the forward passes live
+    ties: bool = False  # AdaMerging++: learn λ on TIES-trimmed, sign-elected task vectors
+    ties_density: float = 0.2  # the reference's K = 20 (%), whole-model top-k per task vector
 
     def check(self) -> None:
         resolve_device(self.device)
+        if not 0.0 < self.ties_density <= 1.0:
+            raise BenchSpecError(f"adamerging ties_density must lie in (0, 1] (the reference keeps 0.2), "
+                                 f"got {self.ties_density!r}.")
         if self.granularity not in GRANULARITIES:
             raise BenchSpecError(f"adamerging granularity must be one of {list(GRANULARITIES)}, got {self.granularity!r}.")
         if self.steps < 1 or self.batch_size < 1:
@@ -100,6 +111,25 @@ def merged_params(base: Mapping[str, Tensor], deltas: Mapping[str, Tensor], lam:
     return out
 
 
+def ties_vectors(base: Mapping[str, Tensor], finetuned: list[Mapping[str, Tensor]], keys: list[str],
+                 density: float) -> dict[str, Tensor]:
+    """AdaMerging++'s vectors ``{k: [N, *shape] τ̃}`` for ``keys``, with the merge core's own TIES pieces.
+
+    The whole-model cut-offs are taken over every float tensor of ``base`` (as the core's ``trim_scope: model``),
+    then per tensor τ̂_i = τ_i·[|τ_i| ≥ cut_i] and τ̃_i = τ̂_i·[sign τ̂_i = elected sign of Σ_j τ̂_j]."""
+    from searchmerge.methods.task_arithmetic import elect_sign, prepare_model_trim
+
+    float_keys = [k for k, v in base.items() if v.is_floating_point()]
+    delta = lambda k: [m[k].float() - base[k].float() for m in finetuned]  # noqa: E731 - as the core: f32 θ_i − θ₀
+    cuts = prepare_model_trim(((k, base[k], delta(k), None) for k in float_keys),
+                              {"density": [density] * len(finetuned)})["thresholds"]
+    out = {}
+    for k in keys:
+        trimmed = torch.stack([d * (d.abs() >= cuts[i]) for i, d in enumerate(delta(k))])
+        out[k] = trimmed * elect_sign(trimmed, "sum")[1]
+    return out
+
+
 def _batch_stream(n: int, batch_size: int, rng: np.random.Generator):  # noqa: ANN202
     """Endless shuffled batches of row indices (a new permutation each epoch)."""
     while True:
@@ -109,8 +139,9 @@ def _batch_stream(n: int, batch_size: int, rng: np.random.Generator):  # noqa: A
 
 
 def coefficients_recipe(names: list[str], coefficients: Tensor, groups: list[list[str]], float_keys: list[str],
-                        task_wise: bool) -> Any:
-    """The learned λ as a ``task_arithmetic`` recipe; float tensors that are not parameters keep the base (0)."""
+                        task_wise: bool, ties_density: float | None = None) -> Any:
+    """The learned λ as a ``task_arithmetic`` recipe (``ties_density``: AdaMerging++'s ``ties`` recipe on the
+    same TIES vectors); float tensors that are not parameters keep the base (0)."""
     from searchmerge.recipe import Recipe
 
     learned = {k for keys in groups for k in keys}
@@ -125,6 +156,10 @@ def coefficients_recipe(names: list[str], coefficients: Tensor, groups: list[lis
             conds += [(k, 0.0) for k in fixed]
             weight = [{"filter": k, "value": v} for k, v in sorted(conds, key=lambda c: (-len(c[0]), c[0]))]
         models.append({"model": name, "parameters": {"weight": weight}})
+    if ties_density is not None:
+        ties = {"lambda": 1.0, "density": float(ties_density), "trim_scope": "model", "merge_func": "sum",
+                "elect_on": "unweighted"}
+        return Recipe(method="ties", base_model="base", models=models, parameters=ties)
     return Recipe(method="task_arithmetic", base_model="base", models=models, parameters={"lambda": 1.0})
 
 
@@ -146,7 +181,11 @@ def adamerge(bench: Bench, config: AdaMergingConfig, *, progress: bool = False) 
     groups = parameter_groups(next(iter(modules.values())))
     keys = [k for keys in groups for k in keys]
     base = {k: mp.base[k].float().to(device) for k in keys}
-    deltas = {k: torch.stack([mp.finetuned[t][k].float().to(device) for t in names]) - base[k] for k in keys}
+    if config.ties:
+        deltas = {k: v.to(device) for k, v in ties_vectors(mp.base, [mp.finetuned[t] for t in names], keys,
+                                                            config.ties_density).items()}
+    else:
+        deltas = {k: torch.stack([mp.finetuned[t][k].float().to(device) for t in names]) - base[k] for k in keys}
     width = 1 if config.granularity == "task" else len(groups)
     lam = nn.Parameter(torch.full((len(names), width), float(config.init), device=device))
     opt = torch.optim.Adam([lam], lr=config.lr, betas=(0.9, 0.999))
@@ -155,7 +194,8 @@ def adamerge(bench: Bench, config: AdaMergingConfig, *, progress: bool = False) 
     rng = np.random.default_rng(config.seed)
     streams = {t: _batch_stream(len(tp.tasks[t].splits[config.split]), config.batch_size, rng) for t in tasks}
     history: list[float] = []
-    with progress_bar(progress, f"adamerging ({config.granularity}-wise)", config.steps) as advance:
+    label = f"adamerging{'++' if config.ties else ''} ({config.granularity}-wise)"
+    with progress_bar(progress, label, config.steps) as advance:
         for _ in range(config.steps):
             opt.zero_grad()
             coef = lam.clamp(0.0, 1.0) if config.clamp else lam
@@ -171,7 +211,8 @@ def adamerge(bench: Bench, config: AdaMergingConfig, *, progress: bool = False) 
             advance(1)
     final = (lam.detach().clamp(0.0, 1.0) if config.clamp else lam.detach()).cpu().clone()
     float_keys = [k for k, v in mp.base.items() if v.is_floating_point()]
-    recipe = coefficients_recipe(names, final, groups, float_keys, config.granularity == "task")
+    recipe = coefficients_recipe(names, final, groups, float_keys, config.granularity == "task",
+                                 config.ties_density if config.ties else None)
     merged = merge(recipe, base=mp.base, models=[mp.finetuned[t] for t in names])
     return AdaMergingResult(coefficients=final, groups=groups, recipe=recipe, merged=merged, history=history)  # type: ignore[arg-type]
 
@@ -190,7 +231,8 @@ def recipe_with_paths(bench: Bench, recipe: Any) -> Any:
 
 def search_point(result: AdaMergingResult, names: list[str], layer_groups: int = 1) -> dict[str, Any]:
     """AdaMerging's λ as a starting point of a recipe search (``points_to_evaluate``) over
-    ``task_arithmetic`` with ``granularity: per_model``, ``weight`` searched and ``lambda: 1.0``.
+    ``task_arithmetic`` with ``granularity: per_model``, ``weight`` searched and ``lambda: 1.0`` (AdaMerging++:
+    over ``ties`` with its recipe's fixed parameters: density, ``trim_scope: model``, ``merge_func: sum``, ...).
 
     Task-wise: each model's λ. Layer-wise with ``layer_groups`` G: per model, the mean λ of the tensors
     nearest each of the G depth knots (tensors outside the layers count at depth 0); G = 1: the mean λ.
@@ -198,9 +240,10 @@ def search_point(result: AdaMergingResult, names: list[str], layer_groups: int =
     from searchmerge.recipe import layer_fraction, layer_index
 
     coef = result.coefficients
+    fixed = {"method": result.recipe.method, **result.recipe.parameters}
     if coef.shape[1] == 1:
         values: dict[str, Any] = {n: float(coef[i, 0]) for i, n in enumerate(names)}
-        return {"method": "task_arithmetic", "lambda": 1.0, "weight": values}
+        return {**fixed, "weight": values}
     keys = [keys[0] for keys in result.groups]
     layers = [i for i in (layer_index(k) for k in keys) if i is not None]
     n_layers = max(layers) + 1 if layers else 1
@@ -210,4 +253,4 @@ def search_point(result: AdaMergingResult, names: list[str], layer_groups: int =
         per_g = [[float(coef[i, j]) for j in range(len(keys)) if knot[j] == g] for g in range(layer_groups)]
         means = [sum(v) / len(v) if v else float(coef[i].mean()) for v in per_g]
         values[n] = means[0] if layer_groups == 1 else means
-    return {"method": "task_arithmetic", "lambda": 1.0, "weight": values}
+    return {**fixed, "weight": values}

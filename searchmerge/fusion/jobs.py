@@ -26,7 +26,7 @@ PARAMS: dict[str, dict[str, Any]] = {
     "ensemble": {"mode": "simple", "weights": None},
     "adamerging": {"granularity": "layer", "steps": 1000, "lr": 1e-3, "init": 0.3, "batch_size": 16,
                    "clamp": False, "seed": 0, "split": "validation", "allow_test": False,
-                   "device": "cpu"},
+                   "device": "cpu", "ties": False, "ties_density": 0.2},
 }
 
 

@@ -20,3 +20,5 @@ Rescale = Literal["l1", "inverse", "none"]
 TrimScope = Literal["tensor", "model"]
 #: TIES disjoint merge: sum (FusionBench default), mean over agreeing models (MergeKit `normalize: true`), max.
 MergeFunc = Literal["sum", "mean", "max"]
+#: TIES sign election on the weighted trimmed deltas (MergeKit) or on the trimmed deltas before the weights.
+ElectOn = Literal["weighted", "unweighted"]

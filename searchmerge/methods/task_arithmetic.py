@@ -20,7 +20,7 @@ from typing import Annotated, Any, Iterable, Sequence
 import torch
 
 from searchmerge.errors import RecipeError
-from searchmerge.methods._types import Density, MergeFunc, Rescale, Scale, TrimScope, Weight
+from searchmerge.methods._types import Density, ElectOn, MergeFunc, Rescale, Scale, TrimScope, Weight
 from searchmerge.methods.registry import PerModel, Range, merge_method
 from searchmerge.methods.sparsify import sparsify
 
@@ -33,13 +33,21 @@ def _weights_like(weights: Sequence[float], ref: Tensor) -> Tensor:
     return w.view(-1, *([1] * ref.dim()))
 
 
-def elect_and_merge(weighted: Tensor, weights: Tensor, merge_func: str, consensus: str) -> Tensor:
-    """TIES steps 2–3 on a stack of weighted deltas (n_models, *shape): elect signs, disjoint merge."""
-    if consensus == "count":
-        majority = torch.where(weighted.sign().sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
-    else:
-        majority = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
-    agree = weighted.sign() == majority  # zeros never agree: they are dropped
+def elect_sign(votes: Tensor, consensus: str) -> tuple[Tensor, Tensor]:
+    """TIES step 2 on a stack (n_models, *shape): the elected sign (+1 where the vote is exactly 0) and which
+    entries agree with it (zeros never agree: they are dropped)."""
+    tally = votes.sign().sum(dim=0) if consensus == "count" else votes.sum(dim=0)
+    majority = torch.where(tally >= 0, 1.0, -1.0).to(votes.dtype)
+    return majority, votes.sign() == majority
+
+
+def elect_and_merge(weighted: Tensor, weights: Tensor, merge_func: str, consensus: str,
+                    votes: Tensor | None = None) -> Tensor:
+    """TIES steps 2–3 on a stack of weighted deltas (n_models, *shape): elect signs, disjoint merge.
+
+    ``votes``: the stack the sign is elected on (default: ``weighted``, MergeKit; the unweighted trimmed
+    deltas for ``elect_on: unweighted``)."""
+    majority, agree = elect_sign(weighted if votes is None else votes, consensus)
     kept = weighted * agree
     if merge_func == "max":
         return kept.abs().amax(dim=0) * majority
@@ -64,8 +72,11 @@ def generalized_task_arithmetic(
     gamma: Sequence[float] | None = None,
     epsilon: Sequence[float] | None = None,
     trim_thresholds: Sequence[float] | None = None,
+    elect_on: str = "weighted",
 ) -> Tensor:
     """Merged delta of the GTA family; ``trim_thresholds`` (per model) replaces per-tensor magnitude trimming.
+
+    ``elect_on: unweighted`` elects the sign on the sparsified deltas before the weights (see :func:`ties`).
 
     ``gamma`` / ``epsilon`` are per model, as MergeKit declares them (``NON_BASE``); ``None``: the defaults.
     """
@@ -83,7 +94,8 @@ def generalized_task_arithmetic(
     w = _weights_like(weight, sparse[0])
     weighted = stacked * w
     if consensus is not None:
-        merged = elect_and_merge(weighted, w.expand_as(weighted), merge_func, consensus)
+        votes = stacked if elect_on == "unweighted" else None
+        merged = elect_and_merge(weighted, w.expand_as(weighted), merge_func, consensus, votes)
     else:
         merged = weighted.sum(dim=0)
         if merge_func == "mean":
@@ -144,6 +156,9 @@ def _prepare_dare_ties(items, scalars):  # noqa: ANN001
 
 _prepare_ties.needed = _trim_needed  # type: ignore[attr-defined]
 _prepare_dare_ties.needed = _trim_needed  # type: ignore[attr-defined]
+# the per-model parameters a whole-model pass reads (one value per model); the weights are applied per tensor after
+_prepare_ties.reads = ("density",)  # type: ignore[attr-defined]
+_prepare_dare_ties.reads = ("density", "trim_density")  # type: ignore[attr-defined]
 
 
 def _thresholds(stats: Any, trim_scope: str, rescale: str = "none") -> list[float] | None:
@@ -194,16 +209,21 @@ def ties(
     merge_func: MergeFunc = "mean",
     trim_scope: TrimScope = "tensor",
     rescale: Rescale = "none",
+    elect_on: ElectOn = "weighted",
     stats: Any = None,
 ) -> Tensor:
     """Trim each τ to its top ``density`` by magnitude, elect signs by mass, merge disjointly, scale by λ.
 
-    ``rescale: l1`` is MergeKit's ``rescale: true`` (the kept entries keep the τ's L1 norm)."""
+    ``rescale: l1`` is MergeKit's ``rescale: true`` (the kept entries keep the τ's L1 norm).
+    ``elect_on``: the sign is elected on the weighted trimmed deltas ``w_i·τ̂_i`` (``weighted``, MergeKit), or on
+    the trimmed deltas ``τ̂_i`` themselves with the weights applied to the kept entries after (``unweighted``:
+    ``Σ_i w_i·τ̂_i·[sign τ̂_i = sign Σ_j τ̂_j]``, the TIES paper's code with per-model weights, as AdaMerging++
+    scales its TIES vectors). With equal positive weights the two are the same."""
     thresholds = _thresholds(stats, trim_scope, rescale)
     return generalized_task_arithmetic(
         deltas, weight=weight, density=density if thresholds is None else [1.0] * len(deltas), lambda_=lambda_,
         sparsification="magnitude" if thresholds is None else None, consensus="sum", merge_func=merge_func,
-        rescale=rescale, trim_thresholds=thresholds,
+        rescale=rescale, trim_thresholds=thresholds, elect_on=elect_on,
     )
 
 
