@@ -84,6 +84,16 @@ def ensure_capacity(n_replicas: int, cpus_per_replica: float, gpu: bool = False,
         f"replica(s) of {bundle} — raise max_workers in cluster.yaml, check `ray status`, or lower concurrency")
 
 
+def default_placement(free_cpus: float, num_actors: int, cpus_per_actor: float | None,
+                      threads_per_actor: int | None) -> tuple[float, int]:
+    """CPUs and kernel threads per actor: what was asked, else the free CPUs shared among the actors (at least 1
+    each) and as many kernel threads as whole CPUs reserved — every core works on a trial without a shard leaving
+    its actor."""
+    cpus = cpus_per_actor if cpus_per_actor is not None else max(1.0, float(int(free_cpus) // max(num_actors, 1)))
+    threads = threads_per_actor or max(1, int(cpus))
+    return cpus, threads
+
+
 def node_affinity(node_id: str | None) -> Any:
     """Ray's soft node-affinity strategy for ``node_id`` (``None``: Ray's default placement)."""
     if node_id is None:

@@ -18,7 +18,7 @@ from searchmerge.io.checkpoint import open_checkpoint
 from searchmerge.io.task_models import backbone_views
 from searchmerge.merge import DTYPES, check_compatible, tensor_rng
 from searchmerge.recipe import Recipe, global_scalars, layer_index
-from searchmerge.cluster.placement import node_affinity
+from searchmerge.cluster.placement import default_placement, node_affinity
 from searchmerge.store.stages import from_numpy, to_numpy, trim_stage
 from searchmerge.store.worker import EvaluatorLost, ShardWorker
 
@@ -81,7 +81,7 @@ class TaskVectorStore:
         device: str = "cpu",
         residency_dtype: str = "float32",
         names: Sequence[str] | None = None,
-        cpus_per_actor: float = 1,
+        cpus_per_actor: float | None = None,
         threads_per_actor: int | None = None,
         torch_threads: int = 1,
         cache_fraction: float = 0.2,
@@ -97,8 +97,11 @@ class TaskVectorStore:
         ``names``: how recipes refer to the models (default: the paths as given, else ``model_{i}``); a recipe
         listing a subset of them merges that subset. ``cache_fraction``: the mask cache's bound, as a fraction of
         the resident bytes (base + task vectors). ``device``: ``cpu``, ``cuda`` (one GPU per actor) or ``auto``.
-        ``threads_per_actor`` (default 1): threads each actor's fused kernels and rank scans split their work over
-        (elementwise, so the bits do not change). ``torch_threads`` (default 1): torch's intra-op threads in each
+        ``cpus_per_actor`` (default: the CPUs Ray has free, shared among the actors, at least 1 each) and
+        ``threads_per_actor`` (default: the actor's whole CPUs, at least 1): threads each actor's fused kernels and
+        rank scans split their work over (elementwise, so the bits do not change). The defaults are the placement
+        measured fastest (``benchmarks/bench_placement.py``): one actor using every core beats one actor per core,
+        whose shards must travel to the evaluation model each trial. ``torch_threads`` (default 1): torch's intra-op threads in each
         actor, for the methods that run as torch ops (generic path, SVDs, L1 sums): whole-tensor sums follow torch's
         thread count, so the store matches a merge core run with the same count (1, as the tests run it); on a busy
         2-core machine two OpenMP threads also stall at every barrier (measured 10-100x slower per chunk).
@@ -155,6 +158,7 @@ class TaskVectorStore:
             device = "cuda" if ray.available_resources().get("GPU", 0.0) >= num_actors else "cpu"
         gpu = device.startswith("cuda")
         free = ray.available_resources().get("CPU", 0.0)
+        cpus_per_actor, threads = default_placement(free, num_actors, cpus_per_actor, threads_per_actor)
         if cpus_per_actor * num_actors > free + 1e-9:
             raise StoreError(
                 f"{num_actors} actor(s) x {cpus_per_actor} CPU exceed the {free:g} CPU(s) Ray has free; lower "
@@ -164,7 +168,6 @@ class TaskVectorStore:
             num_cpus=cpus_per_actor, num_gpus=1 if gpu else 0, max_restarts=max_restarts, max_task_retries=0,
             **({"scheduling_strategy": node_affinity(node_id)} if node_id else {}),
         )
-        threads = threads_per_actor or 1
         total_bytes = sum(sizes.values())
         self._actors = []
         for shard in self.shards:
