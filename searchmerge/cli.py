@@ -23,7 +23,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from searchmerge.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    if args.seed is not None:
+    if args.seed is not None and recipe.data is not None:  # a data recipe's seed draws its examples / batches
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"seed": args.seed})})
+    elif args.seed is not None:
         recipe = recipe.model_copy(update={"seed": args.seed})
     out = merge(
         recipe, out=args.out, device=args.device, out_dtype=args.dtype, allow_pickle=args.allow_pickle,
@@ -31,7 +33,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     )
     from searchmerge.merge import plan_merge
 
-    note = plan_merge(recipe, allow_pickle=args.allow_pickle).heads_message(args.heads)
+    note = plan_merge(recipe, allow_pickle=args.allow_pickle).heads_message(args.heads) if recipe.data is None else None
     if note:
         print(note)
     print(f"wrote {out}")
@@ -97,13 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("merge", help="merge checkpoints per a recipe (ours or MergeKit YAML)")
+    p = sub.add_parser("merge", help="merge checkpoints per a recipe (ours or MergeKit YAML; data-driven merges "
+                                     "name their bench under `data:`)")
     p.add_argument("recipe", type=Path)
     p.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16", "float64"],
                    help="output dtype (default: the recipe's out_dtype, else the base's)")
-    p.add_argument("--seed", type=int, default=None, help="override the recipe's seed (random methods)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="override the recipe's seed (random methods; a data recipe's `data.seed`)")
     p.add_argument("--allow-pickle", action="store_true", help="load .bin/.pt checkpoints (weights_only=True)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder (once the new one is complete)")
     p.add_argument("--allow-non-finite", action="store_true",

@@ -296,6 +296,11 @@ def merge(
         raise RecipeError(f"device {device!r} requested but CUDA is not available here.")
     if out is not None:
         check_output_dir(out, force=overwrite)
+    if recipe.data is not None:
+        if base is not None or models is not None:
+            raise RecipeError("a data recipe reads its models from its bench (`data.bench`); pass no base/models.")
+        return _merge_with_data(recipe, out=out, device=device, out_dtype=out_dtype, overwrite=overwrite,
+                                progress=progress, allow_non_finite=allow_non_finite, heads=heads)
     plan = plan_merge(recipe, base=base, models=models, allow_pickle=allow_pickle)
     if out is not None:
         check_output_dir(out, force=overwrite, needed_bytes=output_bytes(plan, out_dtype))
@@ -303,18 +308,61 @@ def merge(
         plan, device=device, out_dtype=out_dtype, progress=progress, allow_non_finite=allow_non_finite)}
     if out is None:
         return merged
+    return write_merged(plan, merged, out, recipe_text=recipe.to_yaml(), overwrite=overwrite, heads=heads)
+
+
+def write_merged(plan: MergePlan, merged: dict[str, torch.Tensor], out: str | Path, *, recipe_text: str,
+                 overwrite: bool = False, heads: str = "drop", extra: dict[str, str] | None = None,
+                 names: list[str] | None = None) -> Path:
+    """Write a merged state dict as the HF folder ``out``, atomically: the reference's model files, the merged
+    base model's config, the recipe, ``extra`` files, and with ``heads="per_task"`` each model's head
+    (``tasks/<name>/``; default names: the plan's model entries)."""
     from searchmerge.io.writer import write_safetensors_folder
 
     folder = plan.reference.folder
-    extra = {"searchmerge_recipe.yaml": recipe.to_yaml()}
+    files = {"searchmerge_recipe.yaml": recipe_text, **(extra or {})}
     ref_info = plan.base_task_model if plan.base is not None else (plan.task_models or [None])[0]
     if ref_info is not None:  # the output is the merged base model, so its config must say so
-        extra["config.json"] = json.dumps(backbone_config(ref_info.config), indent=2)
+        files["config.json"] = json.dumps(backbone_config(ref_info.config), indent=2)
 
     def add_tasks(tmp: Path) -> None:
         if heads == "per_task" and plan.task_models:
-            write_task_folders(tmp, merged, plan.models, plan.task_models, [m.model for m in recipe.models])
+            write_task_folders(tmp, merged, plan.models, plan.task_models,
+                               names if names is not None else [m.model for m in plan.recipe.models])
 
     return write_safetensors_folder(
-        merged, out, config_from=folder, extra_files=extra, overwrite=overwrite, before_publish=add_tasks,
+        merged, out, config_from=folder, extra_files=files, overwrite=overwrite, before_publish=add_tasks,
     )
+
+
+def _merge_with_data(recipe: Recipe, *, out: str | Path | None, device: str, out_dtype: str | None,
+                     overwrite: bool, progress: bool, allow_non_finite: bool, heads: str
+                     ) -> dict[str, torch.Tensor] | Path:
+    """A data-driven merge (``recipe.data``, :mod:`searchmerge.fusion.data_recipe`): the bench and the models'
+    folders are checked, then the statistics / adaptation run, then the output is written like any merge."""
+    from searchmerge.fusion.data_recipe import bench_paths, data_bench, run_data_recipe
+    from searchmerge.io.outdir import check_output_dir
+
+    bench = data_bench(recipe)
+    base_path, model_paths = bench_paths(bench)
+    plan = plan_merge(Recipe(method="task_arithmetic", base_model=base_path,
+                             models=[{"model": p} for p in model_paths]))  # the checkpoints the output is made of
+    if out is not None:
+        check_output_dir(out, force=overwrite, needed_bytes=output_bytes(plan, out_dtype))
+    state, extra = run_data_recipe(recipe, bench, device=device, progress=progress)
+    unknown = sorted(set(state) - set(plan.keys))
+    if unknown:
+        raise CheckpointError(f"the bench's models hold tensor(s) {unknown[:5]} that the base folder lacks.")
+    merged = {}
+    for k in plan.keys:
+        ref = plan.reference.get(k, "cpu")
+        t = state.get(k, ref)
+        if ref.is_floating_point():
+            t = t.to(DTYPES[out_dtype or recipe.out_dtype] if (out_dtype or recipe.out_dtype) else ref.dtype)
+            if not allow_non_finite:
+                check_finite_output(t, k)
+        merged[k] = t.cpu()
+    if out is None:
+        return merged
+    return write_merged(plan, merged, out, recipe_text=recipe.to_yaml(), overwrite=overwrite, heads=heads,
+                        extra=extra, names=[m.model for m in recipe.models])

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from searchmerge.errors import RecipeError
 from searchmerge.io.yaml_safe import KEY, Positions, load_yaml, position_of, read_yaml_mapping
@@ -34,7 +34,24 @@ class Conditional(BaseModel):
     value: Union[Scalar, list[float]]
 
 
-ParamValue = Union[Scalar, list[float], list[Conditional]]
+ParamValue = Union[Scalar, list[float], list[Conditional], list[str]]  # list[str]: data-driven `exclude` regexes
+
+
+class DataSpec(BaseModel):
+    """``data:`` of a data-driven merge (``method: fisher | regmean | regmean_plusplus | adamerging``): the bench
+    spec whose pool and task data it reads (relative: to the recipe's folder), and how the data is drawn; an
+    unset field takes the method's default (:data:`searchmerge.fusion.jobs.PARAMS`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    bench: str
+    split: str | None = None
+    examples: StrictInt | None = None
+    batch_size: StrictInt | None = None
+    seed: StrictInt | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The data fields that are set (without ``bench``)."""
+        return {k: v for k, v in self.model_dump(exclude={"bench"}).items() if v is not None}
 
 
 class ModelEntry(BaseModel):
@@ -54,6 +71,7 @@ class Recipe(BaseModel):
     dtype: DType = "float32"
     out_dtype: DType | None = None
     seed: int = 0
+    data: DataSpec | None = None  # a data-driven merge: its models are the bench's (searchmerge.fusion.data_recipe)
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -93,8 +111,9 @@ class Recipe(BaseModel):
         return recipe_from_dict({**self.to_dict(), "parameters": {**self.parameters, **params}})
 
 
-_FIELDS = {(): ("method", "base_model", "models", "parameters", "dtype", "out_dtype", "seed"),
-           ("models",): ("model", "parameters"), ("filter",): ("filter", "value")}
+_FIELDS = {(): ("method", "base_model", "models", "parameters", "dtype", "out_dtype", "seed", "data"),
+           ("models",): ("model", "parameters"), ("filter",): ("filter", "value"),
+           ("data",): ("bench", "split", "examples", "batch_size", "seed")}
 
 
 def _one_error(err: Any) -> tuple[str, tuple[Any, ...]]:
@@ -106,7 +125,8 @@ def _one_error(err: Any) -> tuple[str, tuple[Any, ...]]:
     where = ".".join(str(p) for p in loc)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden" and loc:
-        owner = () if len(loc) == 1 else ("models",) if loc[0] == "models" and len(loc) == 3 else ("filter",)
+        owner = () if len(loc) == 1 else ("models",) if loc[0] == "models" and len(loc) == 3 else \
+            ("data",) if loc[0] == "data" else ("filter",)
         hint = did_you_mean(str(loc[-1]), _FIELDS.get(owner, ()))
         msg = f"unknown key `{loc[-1]}` — {hint + ' ' if hint else ''}valid keys: {', '.join(_FIELDS.get(owner, ()))}"
         loc = (*loc, KEY)
@@ -148,7 +168,11 @@ def load_recipe(path: str | Path) -> Recipe:
         from searchmerge.mergekit import from_mergekit
 
         return _located(lambda: from_mergekit(data), positions, str(path))
-    return _located(lambda: recipe_from_dict(data), positions, str(path))
+    recipe = _located(lambda: recipe_from_dict(data), positions, str(path))
+    if recipe.data is not None and not Path(recipe.data.bench).expanduser().is_absolute():
+        bench = str((Path(path).parent / Path(recipe.data.bench).expanduser()).resolve())
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"bench": bench})})
+    return recipe
 
 
 # --- validation -----------------------------------------------------------------------------------
@@ -176,7 +200,11 @@ def _check_value(param: Param, value: ParamValue, where: str) -> None:
 
 def validate_recipe(recipe: Recipe) -> None:
     """Check everything that needs no file: method, parameter names, types, ranges, model counts, base."""
-    spec = get_method(recipe.method)
+    if recipe.data is not None:
+        from searchmerge.fusion.data_recipe import validate_data_recipe
+
+        return validate_data_recipe(recipe)
+    spec = _checked(lambda: _registered(recipe.method), ("method",))
     n = len(recipe.models)
     loc: tuple[Any, ...] = ("models",)
     if n < spec.min_models:
@@ -213,6 +241,19 @@ def validate_recipe(recipe: Recipe) -> None:
                             f"models[{i}]: `{p.name}` must be a single value per model for a whole-model "
                             f"step (e.g. `trim_scope: model`), got {v!r}."
                         )
+
+
+def _registered(method: str) -> MethodSpec:
+    """The registered method; a data-driven method's name says that it needs ``data:``."""
+    try:
+        return get_method(method)
+    except RecipeError:
+        from searchmerge.fusion.data_recipe import DATA_METHODS
+
+        if method in DATA_METHODS:
+            raise RecipeError(f"`{method}` learns from data: add a `data:` block naming a bench spec "
+                              f"(`data: {{bench: bench.yaml}}`, docs/fusion.md)", loc=("method",)) from None
+        raise
 
 
 def _checked(check: Any, loc: tuple[Any, ...]) -> Any:
