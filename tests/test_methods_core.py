@@ -153,6 +153,16 @@ def test_della_rejects_bad_epsilon_and_is_seeded():
     assert torch.equal(a, b)
 
 
+def test_della_row_ranks_are_the_double_argsort():
+    """DELLA's per-row ranks with one sort equal the reference's argsort(argsort(|δ|)), ties by index included."""
+    from searchmerge.methods.sparsify import row_ranks
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.round(torch.randn(7, 300, generator=g) * 3).abs()  # many exact ties (and zeros)
+    assert torch.equal(row_ranks(v), torch.argsort(torch.argsort(v, dim=1, stable=True), dim=1))
+    assert torch.equal(row_ranks(torch.tensor([[2.0, 1.0, 2.0, 0.0]])), torch.tensor([[2, 1, 3, 0]]))
+
+
 def test_sce_hand_case():
     base = torch.zeros(2)
     t = [torch.tensor([1.0, -1.0]), torch.tensor([3.0, 1.0])]

@@ -140,13 +140,21 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
     return keep.reshape(delta.shape).to(delta.dtype)
 
 
+def row_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Each entry's 0-based rank in a stable ascending sort of its row: ``argsort(argsort(values))`` with one sort
+    (the inverse permutation scattered), the same integers at about half the cost."""
+    order = torch.argsort(values, dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    return ranks.scatter_(1, order, torch.arange(values.shape[1], device=values.device).expand_as(order))
+
+
 def della_mask(delta: torch.Tensor, density: float, epsilon: float, rng: torch.Generator | None) -> torch.Tensor:
     """DELLA MagPrune: keep probability rises linearly with the magnitude rank within each row."""
     if density >= 1:
         return torch.ones_like(delta)
     rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
     rows = rows.reshape(rows.shape[0], -1) if rows.dim() > 2 else rows
-    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(torch.float32) + 1
+    ranks = row_ranks(rows.abs()).to(torch.float32) + 1
     lo = ranks.min(dim=1, keepdim=True).values
     hi = ranks.max(dim=1, keepdim=True).values
     rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
