@@ -300,7 +300,8 @@ def merge(
         if base is not None or models is not None:
             raise RecipeError("a data recipe reads its models from its bench (`data.bench`); pass no base/models.")
         return _merge_with_data(recipe, out=out, device=device, out_dtype=out_dtype, overwrite=overwrite,
-                                progress=progress, allow_non_finite=allow_non_finite, heads=heads)
+                                progress=progress, allow_non_finite=allow_non_finite, heads=heads,
+                                allow_pickle=allow_pickle)
     plan = plan_merge(recipe, base=base, models=models, allow_pickle=allow_pickle)
     if out is not None:
         check_output_dir(out, force=overwrite, needed_bytes=output_bytes(plan, out_dtype))
@@ -336,7 +337,7 @@ def write_merged(plan: MergePlan, merged: dict[str, torch.Tensor], out: str | Pa
 
 
 def _merge_with_data(recipe: Recipe, *, out: str | Path | None, device: str, out_dtype: str | None,
-                     overwrite: bool, progress: bool, allow_non_finite: bool, heads: str
+                     overwrite: bool, progress: bool, allow_non_finite: bool, heads: str, allow_pickle: bool = False
                      ) -> dict[str, torch.Tensor] | Path:
     """A data-driven merge (``recipe.data``, :mod:`searchmerge.fusion.data_recipe`): the bench and the models'
     folders are checked, then the statistics / adaptation run, then the output is written like any merge."""
@@ -346,19 +347,20 @@ def _merge_with_data(recipe: Recipe, *, out: str | Path | None, device: str, out
     bench = data_bench(recipe)
     base_path, model_paths = bench_paths(bench)
     plan = plan_merge(Recipe(method="task_arithmetic", base_model=base_path,
-                             models=[{"model": p} for p in model_paths]))  # the checkpoints the output is made of
+                             models=[{"model": p} for p in model_paths]),  # the checkpoints the output is made of
+                      allow_pickle=allow_pickle)
     if out is not None:
         check_output_dir(out, force=overwrite, needed_bytes=output_bytes(plan, out_dtype))
     state, extra = run_data_recipe(recipe, bench, device=device, progress=progress)
     unknown = sorted(set(state) - set(plan.keys))
     if unknown:
         raise CheckpointError(f"the bench's models hold tensor(s) {unknown[:5]} that the base folder lacks.")
-    merged = {}
+    merged, name = {}, out_dtype or recipe.out_dtype
     for k in plan.keys:
         ref = plan.reference.get(k, "cpu")
         t = state.get(k, ref)
         if ref.is_floating_point():
-            t = t.to(DTYPES[out_dtype or recipe.out_dtype] if (out_dtype or recipe.out_dtype) else ref.dtype)
+            t = t.to(DTYPES[name] if name else ref.dtype)
             if not allow_non_finite:
                 check_finite_output(t, k)
         merged[k] = t.cpu()

@@ -137,3 +137,14 @@ def test_bert_task_model_folders_with_heads(tmp_path, cache, capsys):
 
     AutoModel.from_pretrained(tmp_path / "out")
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "tasks" / "a")
+
+
+def test_output_dtype_and_python_api(linear_bench_path, tmp_path, cache, capsys):
+    from searchmerge.merge import merge
+
+    path = _write(tmp_path, _recipe(linear_bench_path, "fisher", {"examples": 8}))
+    assert main(["merge", str(path), "--out", str(tmp_path / "out"), "--quiet", "--dtype", "bfloat16"]) == 0
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    state = merge(str(path))  # the Python API returns the state dict
+    expect, _ = fusion_merge(load_bench(linear_bench_path), "fisher", {"examples": 8})
+    assert all(torch.equal(state[k], expect[k]) and torch.equal(out[k], expect[k].to(torch.bfloat16)) for k in out)
