@@ -33,7 +33,7 @@ def cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("method, data, parameters", [
-    ("fisher", {"examples": 16, "batch_size": 4, "seed": 1}, {"normalize": False}),
+    ("fisher", {"examples": 16, "batch_size": 4, "seed": 1}, {"normalize": False, "exclude": [".*bias"]}),
     ("regmean", {"examples": 20, "batch_size": 8}, {"alpha": 0.6}),
     ("regmean_plusplus", {"examples": 12}, {}),
     ("adamerging", {"batch_size": 8, "seed": 2}, {"granularity": "task", "steps": 3, "lr": 0.05}),
@@ -46,6 +46,8 @@ def test_merge_cli_equals_fusion_merge(linear_bench_path, tmp_path, cache, metho
     expect, _ = fusion_merge(load_bench(linear_bench_path), method, {**data, **parameters})
     assert set(out) == set(expect) and all(torch.equal(out[k], expect[k]) for k in out)
     assert load_recipe(tmp_path / "out" / "searchmerge_recipe.yaml").data.bench == str(linear_bench_path.resolve())
+    if "exclude" in parameters:  # the regexes reach the method: excluded tensors keep the base
+        assert torch.equal(out["net.0.bias"], load_bench(linear_bench_path).modelpool.base["net.0.bias"])
     if method == "adamerging":  # the learned coefficients, as an ordinary recipe, give the same tensors
         coef = tmp_path / "out" / "adamerging_recipe.yaml"
         assert load_recipe(coef).method == ("ties" if parameters.get("ties") else "task_arithmetic")
