@@ -4,7 +4,9 @@ A parameter value is a scalar, a depth gradient (a list of numbers interpolated 
 over layer index, as MergeKit does) or a list of ``{filter, value}`` conditionals on the tensor name
 (substring match, first match wins, ``filter: null`` / ``"*"`` is the fallback). Per-model values sit
 under ``models[i].parameters``; a global value of a per-model parameter applies to every model.
-Only registered method names are accepted: a recipe never names a class or runs code.
+Only registered method names are accepted: a recipe never names a class or runs code. A data-driven merge
+(Fisher, RegMean, RegMean++, AdaMerging) names its bench and how examples are drawn under ``data:``; its checks
+live in :mod:`searchmerge.fusion.data_recipe`.
 """
 
 from __future__ import annotations
