@@ -101,24 +101,32 @@ def _alive(pid: int) -> bool:
 
 def evaluate_resident(store: Any, evaluator: Any, recipe: Any, features: dict[str, Any],
                       chunks: list[tuple[str, np.ndarray]], scorer: Any, on_chunk: Any = None,
-                      stats: bool = False, retries: int = 2) -> dict[str, Any]:
-    """Merge ``recipe`` into the resident model, then score ``chunks``; ``on_chunk(partial)`` after each.
+                      stats: bool = False, retries: int = 2, fusion: Any = None) -> dict[str, Any]:
+    """Merge ``recipe`` into the resident model, then score ``chunks``; ``on_chunk(partial, merge_s, eval_s, fusion
+    info)`` after each.
     With ``stats``, the model statistics (``delta_l2``, ``delta_l0``) of the merged model come with the result.
+    A :class:`~searchmerge.search.fusion.FusionCandidate` is merged from data on the replica (``fusion``: its
+    :class:`~searchmerge.search.fusion.FusionSource`); its statistics counts and times come as ``fusion``.
 
     A store actor that dies (or restarts) mid-evaluation comes back from the checkpoints; the recipe is merged
     again (bit-identical: merges are deterministic) and the chunk in flight repeated, ``retries`` times at most
     (``store_retries`` in the result)."""
+    from searchmerge.search.fusion import FusionCandidate, place_fusion
     from searchmerge.store.store import StoreActorDied
 
     t0 = time.perf_counter()
     merged, retried = False, 0
+    info: dict[str, Any] = {}
 
     def call(fn: Any = None, *args: Any) -> Any:  # fn None: the merge only
         nonlocal merged, retried
         while True:
             try:
                 if not merged:
-                    store.merge_into(recipe, evaluator)
+                    if isinstance(recipe, FusionCandidate):
+                        info.update(place_fusion(store, evaluator, recipe, fusion))
+                    else:
+                        store.merge_into(recipe, evaluator)
                     merged = True
                 return None if fn is None else evaluator.run(fn, *args)
             except StoreActorDied:
@@ -132,10 +140,10 @@ def evaluate_resident(store: Any, evaluator: Any, recipe: Any, features: dict[st
         preds = call(predict_chunk, task, chunk_features(features, task, idx))
         scorer.add(task, idx, np.asarray(preds))
         if on_chunk is not None:
-            on_chunk(scorer.report(), merge_s, time.perf_counter() - t0 - merge_s)
+            on_chunk(scorer.report(), merge_s, time.perf_counter() - t0 - merge_s, info)
     final = scorer.report(final=True)
     return {"result": final, "merge_s": merge_s, "eval_s": time.perf_counter() - t0 - merge_s, "stats": model_stats,
-            "store_retries": retried}
+            "store_retries": retried, "fusion": info}
 
 
 def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
@@ -162,28 +170,34 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     store, evaluator = ctx["replicas"][replica]
     total = ctx["total"]
 
-    def on_chunk(partial: dict[str, Any], merge_s: float, eval_s: float) -> None:
+    def on_chunk(partial: dict[str, Any], merge_s: float, eval_s: float, info: dict[str, Any]) -> None:
         vals = objective_values(partial)
         for t in space.models:  # a task not reached yet: its estimate is the running average
             vals.setdefault(f"task_{t}", vals["average"])
         if ctx["report_partial"] and partial["n"] < total:
             tune.report({**vals, "examples": partial["n"], "complete": False, "merge_s": merge_s, "eval_s": eval_s,
-                         "end_time": time.time(), **base})
+                         "end_time": time.time(), **base, **fusion_fields(info)})
 
     try:
         out = evaluate_resident(store, evaluator, recipe, ctx["features"], ctx["chunks"],
                                 new_scorer(ctx["taskpool"], ctx["split"], space.models), on_chunk,
-                                stats=ctx["stats"], retries=ctx.get("store_retries", 2))
+                                stats=ctx["stats"], retries=ctx.get("store_retries", 2), fusion=ctx.get("fusion"))
         vals = objective_values(out["result"]) | out["stats"]
         if any(not math.isfinite(v) for v in vals.values()):
             raise SearchmergeError(f"non-finite metrics {vals}")
-        where = {"replica": replica, "node": _replica_node(store), "store_retries": out["store_retries"]}
+        where = {"replica": replica, "node": _replica_node(store), "store_retries": out["store_retries"],
+                 **fusion_fields(out["fusion"])}
     except Exception:
         ray.get(coord.fail.remote())
         raise
     final = {**vals, "examples": out["result"]["n"], "complete": True, "duplicate": False}
     ray.get(coord.put.remote(key, {k: final[k] for k in vals} | {"examples": final["examples"], "complete": True}))
     tune.report({**final, **base, **where, "merge_s": out["merge_s"], "eval_s": out["eval_s"], "end_time": time.time()})
+
+
+def fusion_fields(info: dict[str, Any]) -> dict[str, Any]:
+    """A data-driven trial's statistics columns: seconds, and sets computed / read from the disk cache."""
+    return {k: info[k] for k in ("stats_s", "stats_computed", "stats_hits") if k in info}
 
 
 def _replica_node(store: Any) -> str | None:

@@ -37,6 +37,7 @@ class ProgressView(Callback):
         self.done_here = 0
         self.examples = 0
         self.best = best
+        self.stats = [0, 0]  # data-driven trials: statistics sets computed, and read from the disk cache
         self.enabled = enabled
         self.t0 = time.time()
         self._progress: Any = None
@@ -87,6 +88,8 @@ class ProgressView(Callback):
         self.done_here += 1
         if not res.get("duplicate"):
             self.examples += int(res.get("examples") or 0)
+            self.stats[0] += int(res.get("stats_computed") or 0)
+            self.stats[1] += int(res.get("stats_hits") or 0)
         single = len(self.spec.objectives) == 1
         if ok and single and res.get("complete") and res.get(self.key) is not None:
             v = float(res[self.key])
@@ -98,4 +101,11 @@ class ProgressView(Callback):
         eta = eta_seconds(self.done_here, time.time() - self.t0, None if trials is None else trials - self.done,
                           self.spec.budget.seconds)
         self._progress.update(self._task, completed=self.done, best=best_text(self.best, self.key) if single else "",
-                              examples=f"{self.examples:,} examples", eta="—" if eta is None else f"{eta:.0f} s")
+                              examples=self.examples_text(), eta="—" if eta is None else f"{eta:.0f} s")
+
+    def examples_text(self) -> str:
+        """Examples evaluated, and for data-driven trials how many statistics sets came from the disk cache."""
+        text = f"{self.examples:,} examples"
+        if any(self.stats):
+            text += f" · statistics: {self.stats[0]} computed, {self.stats[1]} from cache"
+        return text

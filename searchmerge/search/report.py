@@ -14,7 +14,8 @@ from ray.tune import Callback
 from searchmerge.search.spec import SearchSpec
 
 TRIAL_FIELDS = ("average", "worst", "delta_l2", "delta_l0", "examples", "merge_s", "eval_s", "start_time", "end_time", "recipe_yaml",
-                "recipe_key", "method", "duplicate", "replica", "node", "store_retries")
+                "recipe_key", "method", "duplicate", "replica", "node", "store_retries",
+                "stats_s", "stats_computed", "stats_hits")  # the last three: data-driven (fusion) trials only
 
 
 def _atomic_parquet(rows: list[dict[str, Any]], path: Path) -> None:
@@ -148,9 +149,10 @@ def default_reference(spec: SearchSpec) -> list[float]:
 
 
 def _report_eval(spec: SearchSpec, bench: Any, replicas: list, recipe: Any, tasks: list[str],
-                 split: str | None = None, stats: bool = False) -> dict[str, Any]:
+                 split: str | None = None, stats: bool = False, fusion: Any = None) -> dict[str, Any]:
     """``recipe`` merged on the first replica and scored on ``tasks`` of ``split`` (default: the report split);
-    with ``stats`` the model statistics come along (``delta_l2``, ``delta_l0``)."""
+    with ``stats`` the model statistics come along (``delta_l2``, ``delta_l0``). A data-driven candidate is
+    merged from ``fusion`` (its statistics from the disk cache the trials filled)."""
     from searchmerge.search.driver import evaluate_resident
     from searchmerge.search.evaluation import new_scorer, plan_chunks, split_features, token_lengths
 
@@ -159,7 +161,7 @@ def _report_eval(spec: SearchSpec, bench: Any, replicas: list, recipe: Any, task
     feats = split_features(bench, split, tasks)
     sizes = {t: len(bench.taskpool.tasks[t].splits[split]) for t in tasks}
     out = evaluate_resident(store, ev, recipe, feats, plan_chunks(sizes, spec.eval_batch_size, 0, token_lengths(feats)),
-                            new_scorer(bench.taskpool, split, tasks), stats=stats)
+                            new_scorer(bench.taskpool, split, tasks), stats=stats, fusion=fusion)
     return out["result"] | ({"stats": out["stats"]} if stats else {})
 
 
@@ -193,10 +195,11 @@ def baselines(spec: SearchSpec, bench: Any, replicas: list, tasks: list[str]) ->
     return out
 
 
-def finish_run(out: Path, spec: SearchSpec, bench: Any, space: Any, replicas: list, t_start: float) -> dict[str, Any]:
+def finish_run(out: Path, spec: SearchSpec, bench: Any, space: Any, replicas: list, t_start: float,
+               fusion: Any = None) -> dict[str, Any]:
     from searchmerge.io.writer import atomic_write_text
     from searchmerge.mergekit import to_mergekit_yaml
-    from searchmerge.recipe import Recipe
+    from searchmerge.search.fusion import FusionCandidate, candidate_from_yaml
 
     out = Path(out)
     rows = read_trials(out)
@@ -215,9 +218,14 @@ def finish_run(out: Path, spec: SearchSpec, bench: Any, space: Any, replicas: li
     summary["baselines"] = {k: {"average": v["average"], "per_task": v["per_task"]} for k, v in base.items()}
 
     def mk(text: str, stem: Path) -> dict[str, Any]:
-        recipe = Recipe.from_yaml(text)
-        res = _report_eval(spec, bench, replicas, recipe, tasks)
+        recipe = candidate_from_yaml(text)
+        res = _report_eval(spec, bench, replicas, recipe, tasks, fusion=fusion)
         atomic_write_text(stem.with_suffix(".yaml"), text)
+        if isinstance(recipe, FusionCandidate):
+            atomic_write_text(stem.parent / f"{stem.name}.mergekit.txt",
+                              f"not expressible in MergeKit: `{recipe.method}` is computed from data; reproduce it with "
+                              f"searchmerge.fusion.jobs.fusion_merge(bench, {recipe.method!r}, parameters)\n")
+            return {"recipe_yaml": text, "report": {"average": res["average"], "per_task": res["per_task"]}}
         try:
             atomic_write_text(stem.parent / f"{stem.name}.mergekit.yaml", to_mergekit_yaml(recipe))
         except Exception as exc:  # noqa: BLE001 - not every recipe has a MergeKit form

@@ -18,6 +18,7 @@ from searchmerge.search.driver import TUNE_DIR, Coordinator, _trial, grid_space,
 from searchmerge.search.evaluation import (
     build_eval_module, exact_model, mean_task_vector_norm, plan_chunks, split_features, split_only, token_lengths,
 )
+from searchmerge.search.fusion import FusionSource, is_fusion
 from searchmerge.search.progress import ProgressView
 from searchmerge.search.report import TrialRecorder, finish_run, read_trials
 from searchmerge.search.space import build_space
@@ -158,6 +159,7 @@ def _search(spec: SearchSpec, out: Path, *, resume: bool, progress: bool, addres
                                       threads_per_actor=spec.num_threads, cpus_per_actor=spec.cpus_per_replica,
                                       device=spec.device, node_id=node, cache_fraction=spec.cache_fraction)
         replicas.append((store, store.attach_evaluator(builder)))
+    fusion = FusionSource.put(bench, spec.report_split) if any(is_fusion(m) for m in space.methods) else None
     features = split_features(bench, spec.search_split, tasks)
     sizes = {t: len(bench.taskpool.tasks[t].splits[spec.search_split]) for t in tasks}
     chunks = plan_chunks(sizes, spec.eval_batch_size, spec.seed, token_lengths(features))
@@ -172,7 +174,7 @@ def _search(spec: SearchSpec, out: Path, *, resume: bool, progress: bool, addres
     ctx = {"space": space, "coord": coord, "replicas": replicas, "features": features, "chunks": chunks,
            "total": total, "taskpool": split_only(bench.taskpool, spec.search_split), "split": spec.search_split, "seed": spec.seed,
            "report_partial": len(spec.objectives) == 1, "stats": stats,
-           "store_retries": spec.store_retries}
+           "store_retries": spec.store_retries, "fusion": fusion}
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": TRIAL_CPUS})
     recorder = TrialRecorder(out, spec, prior)
     view = ProgressView(spec, prior_done=len(prior), best=_best_so_far(prior, spec), enabled=progress)
@@ -188,7 +190,7 @@ def _search(spec: SearchSpec, out: Path, *, resume: bool, progress: bool, addres
         recorder.reconcile(grid)
     finally:
         recorder.flush()
-    summary = finish_run(out, spec, bench, space, replicas, t_start)
+    summary = finish_run(out, spec, bench, space, replicas, t_start, fusion=fusion)
     for store, _ in replicas:
         store.close()
     ray.kill(coord)
@@ -269,7 +271,12 @@ def _new_tuner(spec: SearchSpec, space: Any, trainable: Any, callbacks: list[Any
     n = spec.budget.trials if spec.budget.trials is not None else -1
     if spec.searcher == "grid":
         param_space, n = grid_space(space), 1
-    alg = make_searcher(spec, space, points)
+    if space.is_fixed:  # one method, nothing searched: a fixed recipe is one trial, whatever the budget or searcher
+        from ray.tune.search import BasicVariantGenerator
+
+        param_space, n, alg = {}, 1, BasicVariantGenerator(max_concurrent=1)
+    else:
+        alg = make_searcher(spec, space, points)
     return tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from searchmerge.errors import RecipeError
 from searchmerge.methods.registry import Param, get_method
 from searchmerge.recipe import Conditional, Recipe
+from searchmerge.search import fusion as F
 from searchmerge.search.spec import SearchSpec, SearchSpecError
 
 METHOD_KEY = "method"
@@ -72,6 +73,7 @@ class Space:
     models: tuple[str, ...]
     layer_groups: int
     tensor_kinds: tuple[str, ...] = ()
+    models_known: bool = True  # False when checking a spec alone: model names in points are checked at search start
 
     def tune_space(self) -> dict[str, Any]:
         from ray import tune
@@ -88,14 +90,26 @@ class Space:
                 out[d.key] = tune.uniform(float(d.low), float(d.high))  # type: ignore[arg-type]
         return out
 
+    @property
+    def is_fixed(self) -> bool:
+        """One method with every parameter fixed: the search is a single-trial job."""
+        return len(self.methods) == 1 and not self.dims
+
     def method_of(self, config: dict[str, Any]) -> str:
         return str(config.get(METHOD_KEY, self.methods[0]))
 
-    def to_recipe(self, config: dict[str, Any], seed: int = 0) -> Recipe:
-        """The recipe a sampled config stands for (only the drawn method's coordinates are read)."""
+    def to_recipe(self, config: dict[str, Any], seed: int = 0) -> "Recipe | F.FusionCandidate":
+        """The recipe a sampled config stands for (only the drawn method's coordinates are read); a data-driven
+        method gives a :class:`~searchmerge.search.fusion.FusionCandidate` (its parameters resolved)."""
         method = self.method_of(config)
-        spec = get_method(method)
         glob: dict[str, Any] = dict(self.fixed.get(method, {}))
+        if F.is_fusion(method):
+            for d in self.dims:
+                if d.method == method:
+                    v = config[d.key]
+                    glob[d.param] = v.item() if hasattr(v, "item") else v
+            return F.FusionCandidate.resolved(method, glob)
+        spec = get_method(method)
         per_model: list[dict[str, Any]] = [{} for _ in self.models]
         # (model or None, param) -> kind or None -> a value, or G gradient values
         values: dict[tuple[int | None, str], dict[str | None, Any]] = {}
@@ -130,25 +144,30 @@ class Space:
         method = str(user.get(METHOD_KEY, self.methods[0]))
         if method not in self.methods:
             raise SearchSpecError(f"points_to_evaluate: method {method!r} is not among the searched methods {list(self.methods)}")
-        declared = {p.name: p for p in get_method(method).params}
+        declared = {p.name: p for p in params_of(method)}
         unknown = [k for k in user if k != METHOD_KEY and k not in declared]
         if unknown:
             raise SearchSpecError(f"points_to_evaluate: {method} has no parameter(s) {unknown}; it declares {sorted(declared)}")
         for k, v in user.items():
             if isinstance(v, dict):
-                bad = sorted(set(v) - set(self.models))
+                bad = sorted(set(v) - set(self.models)) if self.models_known else []
                 if bad or not declared[k].per_model:
                     why = f"unknown model(s) {bad}; models: {list(self.models)}" if bad else "it is not a per-model parameter"
                     raise SearchSpecError(f"points_to_evaluate: {method}.{k} given per model, but {why}")
         out: dict[str, Any] = {METHOD_KEY: method} if len(self.methods) > 1 else {}
         for d in self.dims:
-            p = {q.name: q for q in get_method(d.method).params}[d.param]
+            p = {q.name: q for q in params_of(d.method)}[d.param]
             v = user.get(d.param, p.default) if d.method == method else p.default
             if isinstance(v, dict):
                 out[d.key] = _per_model(d, v.get(self.models[d.model]) if d.model is not None else None, p.default)
             else:
                 out[d.key] = _clip(d, v)
         return out
+
+
+def params_of(method: str) -> tuple[Param, ...]:
+    """The declared parameters of a registry method or of a data-driven one (:mod:`searchmerge.search.fusion`)."""
+    return F.fusion_params(method) if F.is_fusion(method) else get_method(method).params
 
 
 def _per_model(d: Dim, v: Any, default: Any) -> Any:
@@ -224,24 +243,25 @@ def _dims_for(method: str, p: Param, setting: Any, models: Sequence[str], spec: 
 
 def build_space(spec: SearchSpec, models: Sequence[str] | None = None) -> Space:
     """The space of ``spec`` over ``models`` (task names); raises :class:`SearchSpecError` naming the field."""
+    known = models is not None
     models = tuple(models) if models is not None else ("model_0", "model_1")
     dims: list[Dim] = []
     fixed: dict[str, dict[str, Any]] = {}
     methods = []
     for method, settings in spec.methods.items():
+        if F.is_fusion(method):
+            new_dims, values = _fusion_dims(method, settings, spec)
+            methods.append(method)
+            dims += new_dims
+            fixed[method] = values
+            continue
         try:
             m = get_method(method)
         except RecipeError as exc:
             raise SearchSpecError(f"methods: {exc}") from None
         methods.append(m.name)
         declared = {p.name: p for p in m.params}
-        unknown = [k for k in settings if k not in declared]
-        if unknown:
-            from searchmerge.suggest import did_you_mean
-
-            hint = did_you_mean(unknown[0], declared)
-            raise SearchSpecError(f"methods.{method}: no parameter(s) {unknown} — {hint + ' ' if hint else ''}"
-                                  f"{m.name} declares {sorted(declared)}")
+        _refuse_unknown(method, m.name, settings, declared)
         if m.max_models is not None and len(models) > m.max_models:
             raise SearchSpecError(f"methods.{method}: merges at most {m.max_models} models, the bench has {len(models)}")
         for name, setting in settings.items():
@@ -249,10 +269,50 @@ def build_space(spec: SearchSpec, models: Sequence[str] | None = None) -> Space:
             dims += new
             if not new:
                 fixed.setdefault(m.name, {})[name] = value
-    space = Space(tuple(methods), tuple(dims), fixed, models, spec.layer_groups, tuple(spec.tensor_kinds))
+    space = Space(tuple(methods), tuple(dims), fixed, models, spec.layer_groups, tuple(spec.tensor_kinds),
+                  models_known=known)
     for i, pt in enumerate(spec.points_to_evaluate):
         try:
             space.point(pt)
         except SearchSpecError as exc:
             raise SearchSpecError(f"points_to_evaluate[{i}]: {str(exc).removeprefix('points_to_evaluate: ')}") from None
     return space
+
+
+def _refuse_unknown(method: str, name: str, settings: dict[str, Any], declared: dict[str, Param]) -> None:
+    unknown = [k for k in settings if k not in declared]
+    if unknown:
+        from searchmerge.suggest import did_you_mean
+
+        hint = did_you_mean(unknown[0], declared)
+        raise SearchSpecError(f"methods.{method}: no parameter(s) {unknown} — {hint + ' ' if hint else ''}"
+                              f"{name} declares {sorted(declared)}")
+
+
+def _fusion_dims(method: str, settings: dict[str, Any], spec: SearchSpec) -> tuple[list[Dim], dict[str, Any]]:
+    """A data-driven method's dimensions and fixed values. Its parameters are whole-model scalars: never per
+    model, per depth group or per tensor kind. Checked here, before any work: declared names, ranges, choices,
+    the statistics split against the report split, and one sample through ``fusion.jobs.resolve_params``."""
+    if method in F.NOT_SEARCHABLE:
+        raise SearchSpecError(f"methods.{method}: {F.NOT_SEARCHABLE[method]}")
+    declared = {p.name: p for p in F.fusion_params(method)}
+    _refuse_unknown(method, method, settings, declared)
+    plain = spec.model_copy(update={"granularity": "global", "layer_groups": 1, "tensor_kinds": []})
+    dims: list[Dim] = []
+    fixed: dict[str, Any] = {}
+    for name, setting in settings.items():
+        p = declared[name]
+        if p.kind is list:
+            fixed[name] = F.check_fixed_list(method, p, setting)
+        elif name in F.DISCRETE and (isinstance(setting, list) or setting == "search"):
+            dims.append(Dim(f"{method}.{name}", method, name, choices=F.discrete_choices(method, p, setting), integer=True))
+        else:
+            new, value = _dims_for(method, p, setting, (), plain)
+            dims += new
+            if not new:
+                fixed[name] = value
+    splits = next((d.choices for d in dims if d.param == "split"), None) or [fixed.get("split", declared["split"].default)]
+    F.check_split(method, splits, spec.report_split)
+    sample = {d.param: d.choices[0] if d.choices is not None else (int(d.low) if d.integer else d.low) for d in dims}
+    F.check_resolved(method, {**fixed, **sample})
+    return dims, fixed

@@ -203,8 +203,20 @@ def parse_search_spec(data: Any, root: str | Path | None = None, where: str = ""
         raise SearchSpecError(_format(exc, where, positions)) from None
     from searchmerge.search.space import build_space  # every method / parameter checked against the registry
 
-    build_space(spec)
+    try:
+        build_space(spec)
+    except SearchSpecError as exc:
+        raise SearchSpecError(f"{_where_in_spec(str(exc), where, positions)}{exc}") from None
     return spec
+
+
+def _where_in_spec(message: str, where: str, positions: Positions | None) -> str:
+    """``path:line:col: `` of the field a space error names (``methods.ties.density: ...``), else ``where``."""
+    if not positions or not where:
+        return where
+    head = message.split(":", 1)[0].split(" ", 1)[0]
+    loc = tuple(head.replace("[", ".").replace("]", "").split("."))
+    return f"{position_of(positions, loc, where.rstrip(': '))}: "
 
 
 def read_search_spec(path: str | Path) -> SearchSpec:

@@ -16,7 +16,11 @@ def _spec(**kw):
 
 
 def _result(coef, groups):
-    return AdaMergingResult(coefficients=torch.tensor(coef), groups=groups, recipe=None, merged={})
+    from searchmerge.recipe import Recipe
+
+    recipe = Recipe(method="task_arithmetic", base_model="base", models=[{"model": "a"}, {"model": "b"}],
+                    parameters={"lambda": 1.0})  # what adamerge saves (search_point copies its fixed parameters)
+    return AdaMergingResult(coefficients=torch.tensor(coef), groups=groups, recipe=recipe, merged={})
 
 
 def test_task_wise_point_is_the_first_candidate():
