@@ -111,6 +111,15 @@ def test_store_matches_core(store, zoo, method, scope):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("scope", ["tensor", "model"])
+def test_ties_unweighted_election_is_exact(store, zoo, scope):
+    """AdaMerging++'s TIES (sign elected on the unweighted trimmed vectors, λ as per-model weights) is not the fused
+    kernels' weighted election: the store takes its generic path and gives the core's tensors."""
+    r = make_recipe("ties", scope, elect_on="unweighted", merge_func="sum")
+    assert_same(store.merge(r), core(r, zoo), exact=True)
+
+
+@pytest.mark.timeout(120)
 def test_chunked_combine_is_exact(ray_session, zoo):
     """The elementwise combine stage run in 8-element chunks gives the whole-tensor bits."""
 

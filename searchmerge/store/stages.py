@@ -83,6 +83,8 @@ def split_gta(spec: MethodSpec, params: dict[str, Any], stats: Any, seed: int) -
         return Stage(), Combine(weight, lam, None, _merge_func(params))
     density = tuple(float(d) for d in params.get("density", ones))
     if fn is ta.ties:
+        if params.get("elect_on", "weighted") != "weighted":  # AdaMerging++'s unweighted election: generic path
+            return None
         thr = ta._thresholds(stats, params["trim_scope"], params["rescale"])
         if thr is None:
             stage = Stage("magnitude", density, params["rescale"])
