@@ -10,7 +10,10 @@ Baselines (searchmerge code in the peers' loop patterns, not the peers themselve
     ``from_pretrained`` + ``load_state_dict`` of the merged weights;
 (b) merge to disk (MergeKit-evolve's loop): ``merge(recipe, out=dir)`` then ``from_pretrained(dir)``;
 (mk) with ``--mergekit-yaml PATH`` (MergeKit installed in another environment), the real ``mergekit-yaml`` run per
-    trial on the same recipe (its whole process: start, load, merge, write), for the rows MergeKit can express.
+    trial on the same recipe (its whole process: start, load, merge, write), for the rows MergeKit can express;
+(fb) with ``--fusionbench-python PATH`` (fusion-bench installed in another environment), FusionBench's own
+    ``TaskArithmeticAlgorithm`` / ``TiesMergingAlgorithm`` (whole-model trim) on the models loaded once: its merge
+    alone, a lower bound for its loop (``benchmarks/fusionbench_trial.py``).
 (c) the resident store: ``TaskVectorStore.merge_into(recipe, evaluator)`` into a model that lives on the store's actor
     (1 actor; ``threads`` kernel threads): no disk, no re-instantiation.
 
@@ -197,6 +200,18 @@ def mergekit_trial(exe: str, data: dict, tmp: Path) -> None:
     shutil.rmtree(tmp / "mk-out", ignore_errors=True)
 
 
+def fusionbench_times(python: str, base: Path, fts: list[Path], trials: int) -> dict[tuple[str, str], float]:
+    """FusionBench 0.2.x's own TaskArithmeticAlgorithm / TiesMergingAlgorithm (whole-model trim) on the zoo, models
+    loaded once (merge only), run in its environment; keyed by the rows they compare with."""
+    script = Path(__file__).resolve().parent / "fusionbench_trial.py"
+    out = subprocess.run([python, str(script), str(base), *map(str, fts), "--trials", str(trials)], check=True,
+                         capture_output=True, text=True).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    print(f"FusionBench {res['fusion_bench']}: task arithmetic {res['task_arithmetic']:.2f} s, "
+          f"TIES (model) {res['ties_model']:.2f} s per merge", flush=True)
+    return {("task_arithmetic", "λ"): res["task_arithmetic"], ("ties (model)", "density"): res["ties_model"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="10M-parameter zoo, fewer trials")
@@ -206,6 +221,9 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="kernel threads of the store's actor, one row set per value")
     ap.add_argument("--no-baselines", action="store_true", help="resident rows only")
     ap.add_argument("--mergekit-yaml", default=None, help="MergeKit's mergekit-yaml executable (another venv)")
+    ap.add_argument("--fusionbench-python", default=None,
+                    help="the Python of an environment with fusion-bench installed: FusionBench's own merge timed "
+                         "(benchmarks/fusionbench_trial.py) for the task-arithmetic and whole-model TIES rows")
     ap.add_argument("--rows", default=None,
                     help="only the rows whose 'method, new every trial' contains one of these comma-separated words "
                          "(the task-arithmetic λ rows always run: every ratio is against them)")
@@ -229,6 +247,7 @@ def main() -> None:
     stores: dict[int, tuple] = {}
     baselines: dict[str, tuple[float, float]] = {}  # per family: (a), (b)
     mks: dict[tuple[str, str], float] = {}  # per row MergeKit can express: the real mergekit-yaml run
+    fbs = fusionbench_times(args.fusionbench_python, base, fts, btrials) if args.fusionbench_python else {}
     results = []
     try:
         for t in threads:
@@ -278,7 +297,7 @@ def main() -> None:
             results.append(res)
             print(f"{row.name}, new {row.changes}, {row.threads} thread(s): (c) {c * 1e3:.0f} ms (cold {cold:.2f} s), "
                   f"bound {res['bound'] * 1e3:.0f} ms", flush=True)
-        print_tables(results, baselines, mks, P, N, trials, btrials, base.parent)
+        print_tables(results, baselines, mks, fbs, P, N, trials, btrials, base.parent)
     finally:
         for s, _ in stores.values():
             s.close()
@@ -286,24 +305,26 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def print_tables(results: list[dict], baselines: dict, mks: dict, P: int, N: int, trials: int, btrials: int, zoo: Path) -> None:
+def print_tables(results: list[dict], baselines: dict, mks: dict, fbs: dict, P: int, N: int, trials: int, btrials: int, zoo: Path) -> None:
     ta = {r["row"].threads: r["c"] for r in results if r["row"].family == "ta" and r["row"].changes == "λ"}
     print()
     print(f"zoo {zoo}: P = {P / 1e6:.1f}M parameters, N = {N} fine-tuned models, float32; baseline trials {btrials}, "
           f"resident trials {trials} (median; DARE rows fewer)")
     print()
     print("| method | new every trial | threads | (a) reload+merge+from_pretrained | (b) merge to disk + from_pretrained "
-          "| mergekit-yaml | (c) resident merge_into | (c) first trial (cold) | (a)/(c) | (b)/(c) | mergekit/(c) | (c)/TA(c) "
+          "| mergekit-yaml | FusionBench merge | (c) resident merge_into | (c) first trial (cold) | (a)/(c) | (b)/(c) "
+          "| mergekit/(c) | FusionBench/(c) | (c)/TA(c) "
           "| bound | (c)/bound |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         row = r["row"]
         a, b = baselines.get(row.family, (None, None))
         mk = mks.get((row.name, row.changes))
+        fb = fbs.get((row.name, row.changes))
         fmt = lambda x: "" if x is None else f"{x:.2f} s"  # noqa: E731
         ratio = lambda x: "" if x is None else f"{x / r['c']:.1f}"  # noqa: E731
-        print(f"| {row.name} | {row.changes} | {row.threads} | {fmt(a)} | {fmt(b)} | {fmt(mk)} | {r['c'] * 1e3:.0f} ms "
-              f"| {r['cold']:.2f} s | {ratio(a)} | {ratio(b)} | {ratio(mk)} | {r['c'] / ta[row.threads]:.2f} "
+        print(f"| {row.name} | {row.changes} | {row.threads} | {fmt(a)} | {fmt(b)} | {fmt(mk)} | {fmt(fb)} | {r['c'] * 1e3:.0f} ms "
+              f"| {r['cold']:.2f} s | {ratio(a)} | {ratio(b)} | {ratio(mk)} | {ratio(fb)} | {r['c'] / ta[row.threads]:.2f} "
               f"| {r['bound'] * 1e3:.0f} ms ({r['bw'] / 1e9:.0f} GB/s) | {r['c'] / r['bound']:.2f} |")
     print()
     print("| method | new every trial | threads | resident bytes | cache | order statistics | actor anon RSS |")
