@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run leaderboard leaderboard-fusion search-fixture demo test test-all bench clean zoo-deps
+.PHONY: setup run leaderboard leaderboard-fusion search-fixture demo test test-all bench bench-trial peers clean zoo-deps
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -60,6 +60,20 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_merge.py
+
+# The real peers in their own environments (never searchmerge's): MergeKit 0.1.5 and FusionBench 0.2.33.
+PEERS ?= /tmp/searchmerge-peers
+$(PEERS)/mergekit/bin/mergekit-yaml:
+	$(PY) -m venv $(PEERS)/mergekit && $(PEERS)/mergekit/bin/pip install -q -c constraints.txt torch==2.13.0 mergekit==0.1.5
+$(PEERS)/fusionbench/.installed:
+	$(PY) -m venv $(PEERS)/fusionbench && $(PEERS)/fusionbench/bin/pip install -q -c constraints.txt torch==2.13.0 fusion-bench==0.2.33
+	touch $@
+peers: $(PEERS)/mergekit/bin/mergekit-yaml $(PEERS)/fusionbench/.installed
+
+# Per-trial latency on the 100M zoo against the real peers (about 25 minutes; README "Resident trials").
+bench-trial: $(STAMP) peers
+	$(RAY_ENV) $(BIN)/python benchmarks/bench_trial.py --mergekit-yaml $(PEERS)/mergekit/bin/mergekit-yaml \
+		--fusionbench-python $(PEERS)/fusionbench/bin/python
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
