@@ -105,13 +105,13 @@ def evaluate_resident(store: Any, evaluator: Any, recipe: Any, features: dict[st
     """Merge ``recipe`` into the resident model, then score ``chunks``; ``on_chunk(partial, merge_s, eval_s, fusion
     info)`` after each.
     With ``stats``, the model statistics (``delta_l2``, ``delta_l0``) of the merged model come with the result.
-    A :class:`~searchmerge.search.fusion.FusionCandidate` is merged from data on the replica (``fusion``: its
+    A data recipe (Fisher, RegMean, ...) is merged from data on the replica (``fusion``: its
     :class:`~searchmerge.search.fusion.FusionSource`); its statistics counts and times come as ``fusion``.
 
     A store actor that dies (or restarts) mid-evaluation comes back from the checkpoints; the recipe is merged
     again (bit-identical: merges are deterministic) and the chunk in flight repeated, ``retries`` times at most
     (``store_retries`` in the result)."""
-    from searchmerge.search.fusion import FusionCandidate, place_fusion
+    from searchmerge.search.fusion import is_data_recipe, place_fusion
     from searchmerge.store.store import StoreActorDied
 
     t0 = time.perf_counter()
@@ -123,7 +123,7 @@ def evaluate_resident(store: Any, evaluator: Any, recipe: Any, features: dict[st
         while True:
             try:
                 if not merged:
-                    if isinstance(recipe, FusionCandidate):
+                    if is_data_recipe(recipe):
                         info.update(place_fusion(store, evaluator, recipe, fusion))
                     else:
                         store.merge_into(recipe, evaluator)

@@ -7,7 +7,8 @@ range). Their parameters are declared here, over the defaults of :data:`searchme
 *discrete*: a list gives the values to try, because each value is one statistics pass (cached on disk) and a
 continuous range would make nearly every trial a new pass.
 
-A trial for such a method is a :class:`FusionCandidate`; it is merged by :func:`searchmerge.fusion.jobs.fusion_merge`
+A trial for such a method is a data recipe (``method: regmean``, ``data: {bench, split, examples, ...}``, the
+bench's models, ``parameters``; :mod:`searchmerge.fusion.data_recipe`, what ``searchmerge merge`` runs); it is merged by :func:`searchmerge.fusion.jobs.fusion_merge`
 on the replica's store actor (where the resident evaluation model lives and its CPUs / GPU are reserved),
 loaded in place into that model, and evaluated like every other trial. The statistics come from the disk
 cache after the first trial that needs them (``stats_hits`` / ``stats_computed`` in trials.parquet).
@@ -19,14 +20,11 @@ import contextlib
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
-
-import yaml
 
 from searchmerge.methods.registry import Param, Range
 
-FUSION_KEY = "fusion"  # the candidate YAML's first key: `fusion: regmean` (a registry recipe has `method:`)
 DISCRETE = ("examples", "batch_size", "seed")  # statistics parameters: a list is a set of values, never a range
 DISCRETE_SEARCH = {"examples": (64, 128, 256, 512)}  # what `examples: search` tries
 NOT_SEARCHABLE = {"ensemble": "ensembles are evaluated, not merged: there is no single model to search over; "
@@ -151,40 +149,26 @@ def check_resolved(method: str, params: dict[str, Any]) -> dict[str, Any]:
         raise SearchSpecError(f"methods.{method}: {str(exc).rstrip('.')}") from None
 
 
-# --- the candidate ------------------------------------------------------------------------------------
+# --- the candidate: a data recipe ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FusionCandidate:
-    """A data-driven merge to evaluate: the method and its resolved parameters (defaults filled in)."""
+def fusion_recipe(method: str, params: dict[str, Any], bench: str, models: list[str]) -> Any:
+    """The recipe a data-driven trial stands for: ``method`` with ``data: {bench, split, examples, batch_size,
+    seed}`` and its own parameters, every default filled in (canonical text: identical candidates are evaluated
+    once), over all of the bench's models. ``searchmerge merge`` of it reproduces the trial's merge."""
+    from searchmerge.fusion.data_recipe import DATA_FIELDS
+    from searchmerge.fusion.jobs import resolve_params
+    from searchmerge.recipe import DataSpec, Recipe
 
-    method: str
-    parameters: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def resolved(cls, method: str, params: dict[str, Any]) -> "FusionCandidate":
-        from searchmerge.fusion.jobs import resolve_params
-
-        return cls(method, resolve_params(method, params))
-
-    def to_yaml(self) -> str:
-        """Canonical text (sorted parameters): identical candidates have identical text, hence one evaluation."""
-        return yaml.safe_dump({FUSION_KEY: self.method, "parameters": dict(sorted(self.parameters.items()))},
-                              sort_keys=False)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FusionCandidate":
-        return cls.resolved(str(data[FUSION_KEY]), dict(data.get("parameters") or {}))
+    full = resolve_params(method, params)
+    data = {k: v for k, v in full.items() if k in DATA_FIELDS}
+    rest = {k: v for k, v in sorted(full.items()) if k not in DATA_FIELDS}
+    return Recipe(method=method, data=DataSpec(bench=bench, **data), models=[{"model": m} for m in models],
+                  parameters=rest)
 
 
-def candidate_from_yaml(text: str) -> Any:
-    """A trial's ``recipe_yaml`` back as what it stands for: a :class:`FusionCandidate` or a registry ``Recipe``."""
-    data = yaml.safe_load(text)
-    if isinstance(data, dict) and FUSION_KEY in data:
-        return FusionCandidate.from_dict(data)
-    from searchmerge.recipe import Recipe
-
-    return Recipe.from_yaml(text)
+def is_data_recipe(recipe: Any) -> bool:
+    return getattr(recipe, "data", None) is not None
 
 
 # --- merging a candidate into the resident evaluation model --------------------------------------------
@@ -280,12 +264,17 @@ def load_fusion(module: Any, bench_box: list[Any], method: str, params: dict[str
             "stats_hits": S.CACHE_STATS["hits"] - before["hits"]}
 
 
-def place_fusion(store: Any, evaluator: Any, candidate: FusionCandidate, source: FusionSource) -> dict[str, float]:
-    """Put ``candidate``'s merge into the replica's resident model: θ₀ merged by the store (which records the actor
-    incarnation, so a restart between this and the evaluation is detected), then the data-driven merge loaded."""
-    if source is None:
-        from searchmerge.errors import SearchmergeError
+def place_fusion(store: Any, evaluator: Any, recipe: Any, source: FusionSource | None) -> dict[str, float]:
+    """Put a data recipe's merge into the replica's resident model: θ₀ merged by the store (which records the actor
+    incarnation, so a restart between this and the evaluation is detected), then the data-driven merge loaded.
+    The merge reads the bench shipped in ``source`` (the search's own, without its report split), not
+    ``data.bench`` from disk: a worker node need not hold the bench's files."""
+    from searchmerge.errors import SearchmergeError
+    from searchmerge.fusion.data_recipe import data_params
 
-        raise SearchmergeError(f"a `{candidate.method}` candidate needs the bench's data (no fusion source given)")
+    if source is None:
+        raise SearchmergeError(f"a `{recipe.method}` recipe needs the bench's data (no fusion source given)")
+    if [m.model for m in recipe.models] != list(store.names):
+        raise SearchmergeError(f"a `{recipe.method}` trial merges every model of the bench {list(store.names)}")
     store.merge_into(base_recipe(list(store.names)), evaluator)
-    return evaluator.run(load_fusion, source.bench_box, candidate.method, candidate.parameters, source.cache)
+    return evaluator.run(load_fusion, source.bench_box, recipe.method, data_params(recipe), source.cache)

@@ -199,7 +199,8 @@ def finish_run(out: Path, spec: SearchSpec, bench: Any, space: Any, replicas: li
                fusion: Any = None) -> dict[str, Any]:
     from searchmerge.io.writer import atomic_write_text
     from searchmerge.mergekit import to_mergekit_yaml
-    from searchmerge.search.fusion import FusionCandidate, candidate_from_yaml
+    from searchmerge.recipe import Recipe
+    from searchmerge.search.fusion import is_data_recipe
 
     out = Path(out)
     rows = read_trials(out)
@@ -218,13 +219,13 @@ def finish_run(out: Path, spec: SearchSpec, bench: Any, space: Any, replicas: li
     summary["baselines"] = {k: {"average": v["average"], "per_task": v["per_task"]} for k, v in base.items()}
 
     def mk(text: str, stem: Path) -> dict[str, Any]:
-        recipe = candidate_from_yaml(text)
+        recipe = Recipe.from_yaml(text)
         res = _report_eval(spec, bench, replicas, recipe, tasks, fusion=fusion)
         atomic_write_text(stem.with_suffix(".yaml"), text)
-        if isinstance(recipe, FusionCandidate):
+        if is_data_recipe(recipe):
             atomic_write_text(stem.parent / f"{stem.name}.mergekit.txt",
-                              f"not expressible in MergeKit: `{recipe.method}` is computed from data; reproduce it with "
-                              f"searchmerge.fusion.jobs.fusion_merge(bench, {recipe.method!r}, parameters)\n")
+                              f"not expressible in MergeKit: `{recipe.method}` is computed from data; "
+                              f"`searchmerge merge {stem.name}.yaml --out DIR` reproduces it\n")
             return {"recipe_yaml": text, "report": {"average": res["average"], "per_task": res["per_task"]}}
         try:
             atomic_write_text(stem.parent / f"{stem.name}.mergekit.yaml", to_mergekit_yaml(recipe))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -132,9 +133,11 @@ def _search(spec: SearchSpec, out: Path, *, resume: bool, progress: bool, addres
     from searchmerge.bench.zoo import ZOO_NAMES, build_zoo
 
     bench_path = spec.bench_path()
-    bench = load_bench(build_zoo(bench_path, progress=progress) if bench_path in ZOO_NAMES else bench_path)
+    bench_file = build_zoo(bench_path, progress=progress) if bench_path in ZOO_NAMES else bench_path
+    bench = load_bench(bench_file)
     tasks = bench.taskpool.names
     space = build_space(spec, tasks)  # the real task names: per-model dimensions
+    space = dataclasses.replace(space, data_bench=str(Path(bench_file).resolve()))  # what data recipes name
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.yaml").write_text(spec.to_yaml())
 

@@ -74,6 +74,7 @@ class Space:
     layer_groups: int
     tensor_kinds: tuple[str, ...] = ()
     models_known: bool = True  # False when checking a spec alone: model names in points are checked at search start
+    data_bench: str = ""  # the bench spec file a data recipe names (set at search start; the spec's `bench` before)
 
     def tune_space(self) -> dict[str, Any]:
         from ray import tune
@@ -98,9 +99,9 @@ class Space:
     def method_of(self, config: dict[str, Any]) -> str:
         return str(config.get(METHOD_KEY, self.methods[0]))
 
-    def to_recipe(self, config: dict[str, Any], seed: int = 0) -> "Recipe | F.FusionCandidate":
+    def to_recipe(self, config: dict[str, Any], seed: int = 0) -> Recipe:
         """The recipe a sampled config stands for (only the drawn method's coordinates are read); a data-driven
-        method gives a :class:`~searchmerge.search.fusion.FusionCandidate` (its parameters resolved)."""
+        method gives a data recipe on ``data_bench`` (:func:`searchmerge.search.fusion.fusion_recipe`)."""
         method = self.method_of(config)
         glob: dict[str, Any] = dict(self.fixed.get(method, {}))
         if F.is_fusion(method):
@@ -108,7 +109,7 @@ class Space:
                 if d.method == method:
                     v = config[d.key]
                     glob[d.param] = v.item() if hasattr(v, "item") else v
-            return F.FusionCandidate.resolved(method, glob)
+            return F.fusion_recipe(method, glob, self.data_bench, list(self.models))
         spec = get_method(method)
         per_model: list[dict[str, Any]] = [{} for _ in self.models]
         # (model or None, param) -> kind or None -> a value, or G gradient values
@@ -270,7 +271,7 @@ def build_space(spec: SearchSpec, models: Sequence[str] | None = None) -> Space:
             if not new:
                 fixed.setdefault(m.name, {})[name] = value
     space = Space(tuple(methods), tuple(dims), fixed, models, spec.layer_groups, tuple(spec.tensor_kinds),
-                  models_known=known)
+                  models_known=known, data_bench=spec.bench_path())
     for i, pt in enumerate(spec.points_to_evaluate):
         try:
             space.point(pt)

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from searchmerge.search import search
-from searchmerge.search.fusion import FusionCandidate, candidate_from_yaml
+from searchmerge.recipe import Recipe
+from searchmerge.search.fusion import fusion_recipe
 from searchmerge.search.space import build_space
 from searchmerge.search.spec import SearchSpecError, parse_search_spec
 
@@ -71,13 +72,12 @@ def test_fusion_space_is_one_syntax_discrete_statistics_and_whole_model_scalars(
     assert dims["fisher.normalize"].choices == (True, False)
     assert (dims["regmean.alpha"].low, dims["regmean.alpha"].high) == (0.5, 1.0)
     assert "regmean.alpha#0" not in dims and "task_arithmetic.lambda#1" in dims  # no depth gradient for α
-    cand = space.to_recipe({"method": "regmean", "regmean.alpha": 0.7, "fisher.examples": 64})
-    assert isinstance(cand, FusionCandidate) and cand.parameters["alpha"] == 0.7
-    assert cand.parameters["examples"] == 256  # fusion.jobs' default, filled in
-    assert candidate_from_yaml(cand.to_yaml()) == cand
-    pt = space.point({"method": "fisher", "examples": 128, "normalize": False})
-    assert space.to_recipe(pt).parameters | {} == FusionCandidate.resolved(
-        "fisher", {"examples": 128, "normalize": False, "epsilon": 1e-6}).parameters
+    r = space.to_recipe({"method": "regmean", "regmean.alpha": 0.7, "fisher.examples": 64})
+    assert r.method == "regmean" and r.data.bench == "fixture" and [m.model for m in r.models] == ["a", "b"]
+    assert r.parameters["alpha"] == 0.7 and r.data.examples == 256  # fusion.jobs' default, filled in
+    assert Recipe.from_yaml(r.to_yaml()) == r
+    f = space.to_recipe(space.point({"method": "fisher", "examples": 128, "normalize": False}))
+    assert (f.data.examples, f.parameters["normalize"], f.parameters["epsilon"]) == (128, False, 1e-6)
 
 
 def _bench(zoo):
@@ -113,11 +113,24 @@ def test_searched_regmean_alpha_trials_equal_the_fusion_job_and_statistics_run_o
         assert row.average == pytest.approx(job["average"], abs=1e-12)
         for task, acc in job["per_task"].items():
             assert getattr(row, f"task_{task}") == pytest.approx(acc, abs=1e-12)
-        assert FusionCandidate.resolved("regmean", {"alpha": a, "examples": 64}).to_yaml() == row.recipe_yaml
+        want = fusion_recipe("regmean", {"alpha": a, "examples": 64}, str(fixture_zoo.resolve()), bench.taskpool.names)
+        assert Recipe.from_yaml(row.recipe_yaml) == want
+    # a trial's recipe is a data recipe: what `searchmerge merge` runs gives the trial's merge, bit for bit
+    import torch
+
+    from searchmerge.fusion.data_recipe import data_bench, run_data_recipe
+    from searchmerge.fusion.jobs import fusion_merge
+
+    r0 = Recipe.from_yaml(rm.recipe_yaml[0])
+    merged, _ = run_data_recipe(r0, data_bench(r0))
+    ref, _ = fusion_merge(bench, "regmean", {"alpha": alphas[0], "examples": 64})
+    assert merged.keys() == ref.keys() and all(torch.equal(merged[k], ref[k]) for k in ref)
     summary = json.loads((out / "summary.json").read_text())
-    best = candidate_from_yaml((out / "best.yaml").read_text())
-    if isinstance(best, FusionCandidate):  # the report split re-evaluates the fusion job itself
-        test = run_fusion(bench, "regmean", best.parameters, ["test"])["results"]["test"]
+    best = Recipe.from_yaml((out / "best.yaml").read_text())
+    if best.data is not None:  # the report split re-evaluates the fusion job itself
+        from searchmerge.fusion.data_recipe import data_params
+
+        test = run_fusion(bench, "regmean", data_params(best), ["test"])["results"]["test"]
         assert summary["best"]["report"]["average"] == pytest.approx(test["average"], abs=1e-12)
         assert "not expressible in MergeKit" in (out / "best.mergekit.txt").read_text()
 
