@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from searchmerge.store import kernels
+from searchmerge.store import kernel_source, kernels
 from searchmerge.store.stages import Combine, Sparse, combine, pack_mask
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba not installed")
@@ -129,17 +129,17 @@ def test_generated_weighted_sum_is_bit_identical_to_torch_path(n, merge_func, dt
 def test_generated_source_is_written_once_and_reused(tmp_path, monkeypatch):
     """A configuration's source lands in the cache folder under its content hash; a second load reuses the file."""
     monkeypatch.setenv("SEARCHMERGE_CACHE", str(tmp_path))
-    kernels.compiled_module.cache_clear()
+    kernel_source.compiled_module.cache_clear()
     try:
-        src = kernels.combine_source(3, True, ["none", "div", "mul"], "sum", "mean")
-        fn = kernels.compiled(src)
+        src = kernel_source.combine_source(3, True, ["none", "div", "mul"], "sum", "mean")
+        fn = kernel_source.compiled(src)
         files = sorted((tmp_path / "kernels").glob("*.py"))
         assert len(files) == 1 and files[0].read_text() == src
-        kernels.compiled_module.cache_clear()
-        assert kernels.compiled(src) is not fn  # imported again, from the same file
+        kernel_source.compiled_module.cache_clear()
+        assert kernel_source.compiled(src) is not fn  # imported again, from the same file
         assert sorted((tmp_path / "kernels").glob("*.py")) == files
     finally:
-        kernels.compiled_module.cache_clear()
+        kernel_source.compiled_module.cache_clear()
 
 
 def test_bad_kernel_inputs_are_refused():

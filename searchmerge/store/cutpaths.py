@@ -3,8 +3,11 @@
 Mixed into :class:`~searchmerge.store.paths.MergePaths` (which provides ``_combine_into``, and with the worker
 ``taus``, ``cache``, ``order_stats``, ``l1_norms``, ``threads`` and ``unit_cache_fits``):
 
-* TIES per tensor and whole model, breadcrumbs: :mod:`~searchmerge.store.ranks` cut rules from order statistics
-  (one scan of each τ for its cut, then the fused pass) — a new density costs about two passes, not a sort;
+* TIES per tensor and breadcrumbs: :mod:`~searchmerge.store.ranks` cut rules from order statistics. A new
+  density takes the flagged pass (the histograms give each cut's bin; the pass keeps what lies above it, lists
+  that bin's entries while they are in cache, and the listing gives the exact cuts and the entries to recompute):
+  one pass, not a scan plus a pass, nor a sort. Cached cuts (a stage's later trials) and chunked targets take the
+  plain fused pass; the whole-model trim's thresholds come from the driver (order statistics + one scan per τ);
 * DARE (``dare_ties`` with ``trim_density: 1``, ``dare_linear``): the counter-based draws of
   ``sparsify.random_mask`` computed entry by entry inside the fused pass — a new density or seed costs one pass
   (plus, for ``rescale: l1``, one pass per model writing the masked |τ| that torch sums as the core does).
@@ -70,16 +73,49 @@ class CutPaths:
                 cuts = [ranks.threshold_keep(t, n) for t in stage.thresholds]
             else:
                 def one(m: int) -> ranks.Cut:
-                    gamma = 0.01 if stage.gamma is None else stage.gamma[m]
-                    return ranks.stage_keep(stage.sparsification, stage.density[m], gamma,
+                    return ranks.stage_keep(stage.sparsification, stage.density[m], _gamma(stage, m),
                                             kernels.as_kernel_array(taus[m].reshape(-1)), self._hist(k, sel[m]))
 
-                threads = self.threads if n >= kernels.MIN_PER_THREAD else 1  # small tensors: no pool hand-off
-                cuts = kernels.map_threads(one, range(len(sel)), threads)
-            ops = [("div", stage.density[m]) if stage.thresholds is None and stage.rescale == "inverse"
-                   and stage.density[m] < 1 else ("none",) for m in range(len(sel))]
-        self.cache.put(key, (cuts, ops), sum(c.nbytes for c in cuts), CHEAP)
+                cuts = kernels.map_threads(one, range(len(sel)), self._scan_threads(n))
+            ops = _trim_ops(stage, len(sel))
+        self._keep_cuts(key, cuts, ops)
         return cuts, ops, False
+
+    def _keep_cuts(self, key: tuple, cuts: list[ranks.Cut], ops: list[tuple]) -> None:
+        self.cache.put(key, (cuts, ops), sum(c.nbytes for c in cuts), CHEAP)
+
+    def _scan_threads(self, n: int) -> int:
+        return self.threads if n >= kernels.MIN_PER_THREAD else 1  # small tensors: no pool hand-off
+
+    def _flaggable(self, k: str, stage: Stage, sel: Sequence[int], base: torch.Tensor, target: torch.Tensor) -> bool:
+        """Whether a new per-tensor trim can take the flagged pass (no scan for its cuts): its rules are not cached
+        yet and the pass runs over the whole tensor in place (float32 base and target)."""
+        return (stage.sparsification in ("magnitude", "magnitude_outliers") and stage.thresholds is None
+                and base.dtype == F32 and target.dtype == F32 and target.is_contiguous()
+                and ("keeps", k, stage, tuple(sel)) not in self.cache)
+
+    def _flagged_into(self, k: str, stage: Stage, comb: Combine, taus: Sequence[torch.Tensor], sel: Sequence[int],
+                      base: torch.Tensor, target: torch.Tensor) -> None:
+        """``target = base + combine(trim(τ))`` for a trim density not seen before, in one flagged pass: the
+        histograms give each cut's bin, the pass keeps what lies above it and lists that bin's entries, whose values
+        give the exact cuts (cached for the next trial of the stage), and the listed entries are recomputed."""
+        hists = [self._hist(k, i) for i in sel]
+        method = stage.sparsification
+        pending = [ranks.stage_pending(method, stage.density[m], _gamma(stage, m), h) for m, h in enumerate(hists)]
+
+        def resolve(at, values) -> list[ranks.Cut]:  # noqa: ANN001
+            def one(m: int) -> ranks.Cut:
+                return ranks.stage_keep(method, stage.density[m], _gamma(stage, m), values[m], hists[m], at)
+
+            return kernels.map_threads(one, range(len(sel)), self.threads if len(at) >= 1 << 14 else 1)
+
+        ops = _trim_ops(stage, len(sel))
+        cuts = kernels.flagged_combine_into(
+            [kernels.as_kernel_array(t.reshape(-1)) for t in taus], pending, resolve, ops, comb.weight,
+            consensus=comb.consensus, merge_func=comb.merge_func, lambda_=comb.lambda_,
+            base=base.reshape(-1).numpy(), out=target.view(-1).numpy(), threads=self.threads,
+        )
+        self._keep_cuts(("keeps", k, stage, tuple(sel)), cuts, ops)
 
     def _random_cuts(self, k: str, stage: Stage, sel: Sequence[int],
                      taus: Sequence[torch.Tensor]) -> tuple[list[ranks.Cut], list[tuple]]:
@@ -121,10 +157,15 @@ class CutPaths:
 
     def _merge_cut(self, k: str, stage: Stage, comb: Combine, taus: list[torch.Tensor], sel: Sequence[int],
                    base: torch.Tensor, dst: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-        """One fused pass that applies the keep rules; with unit weights a stage's second trial keeps its merged
-        delta (then ``base + λ·cached``: three streams)."""
-        cuts, ops, seen = self._cuts(k, stage, sel, taus)
+        """One fused pass that applies the keep rules (a new trim density: the flagged pass, which finds its cuts
+        as it goes); with unit weights a stage's second trial keeps its merged delta (then ``base + λ·cached``:
+        three streams)."""
         target = output_buffer(dst, base, out_dtype)
+        if self._flaggable(k, stage, sel, base, target):
+            self.cache.misses += 1  # the rules were looked up, and are built now
+            self._flagged_into(k, stage, comb, taus, sel, base, target)
+            return deliver(target, dst)
+        cuts, ops, seen = self._cuts(k, stage, sel, taus)
         if all(w == 1.0 for w in comb.weight) and self.unit_cache_fits:
             key = ("combined", k, stage, comb.consensus, comb.merge_func, tuple(sel))
             unscaled = self.cache.get(key)
@@ -138,3 +179,14 @@ class CutPaths:
                 return deliver(target, dst)
         self._combine_into(comb, taus, ops, base, target, cuts=cuts)
         return deliver(target, dst)
+
+
+def _gamma(stage: Stage, m: int) -> float:
+    """Model ``m``'s breadcrumbs gamma (the merge core's default 0.01 where the stage has none)."""
+    return 0.01 if stage.gamma is None else stage.gamma[m]
+
+
+def _trim_ops(stage: Stage, n_models: int) -> list[tuple]:
+    """The magnitude trims' rescale per model: ``÷ density`` for ``rescale: inverse`` below density 1."""
+    return [("div", stage.density[m]) if stage.thresholds is None and stage.rescale == "inverse"
+            and stage.density[m] < 1 else ("none",) for m in range(n_models)]

@@ -56,6 +56,10 @@ class LRU:
     def new_trial(self) -> None:
         self.epoch += 1
 
+    def __contains__(self, key: Any) -> bool:
+        """Whether ``key`` is held (no hit or miss counted, no recency change)."""
+        return key in self.items
+
     def get(self, key: Any) -> Any:
         entry = self.items.get(key)
         if entry is not None:

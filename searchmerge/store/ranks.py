@@ -83,12 +83,38 @@ def collect_bin(x, b, idx, lo):
 
 
 @JIT
+def collect_bin_at(x, at, b, idx, lo):
+    c = 0
+    for t in range(len(at)):
+        a = absbits(x, t)
+        if (a >> np.uint32(16)) == b:
+            idx[c] = at[t]
+            lo[c] = a & np.uint32(0xFFFF)
+            c += 1
+    return c
+
+
+@JIT
 def collect_select(x, b, size, r_in):
     # one scan for bin b's size entries, then the r_in-th smallest low half among them, how many are smaller,
     # and the indices equal to it (one compiled call: no per-tensor numpy overhead)
     idx = np.empty(size, dtype=np.int64)
     lo = np.empty(size, dtype=np.uint32)
     found = collect_bin(x, b, idx, lo)
+    return select_in(idx, lo, found, size, r_in)
+
+
+@JIT
+def collect_select_at(x, at, b, size, r_in):
+    # the same from a listing: x[t] is entry at[t] (the flagged pass lists every entry of the cut's bin)
+    idx = np.empty(size, dtype=np.int64)
+    lo = np.empty(size, dtype=np.uint32)
+    found = collect_bin_at(x, at, b, idx, lo)
+    return select_in(idx, lo, found, size, r_in)
+
+
+@JIT
+def select_in(idx, lo, found, size, r_in):
     if found != size:
         return np.uint32(0), -1, idx[:0]
     c_lo = np.partition(lo, r_in - 1)[r_in - 1]
@@ -125,6 +151,24 @@ def collect_two_bins(x, b1, b2, idx1, lo1, idx2, lo2):
 
 
 @JIT
+def collect_two_bins_at(x, at, b1, b2, idx1, lo1, idx2, lo2):
+    c1 = 0
+    c2 = 0
+    for t in range(len(at)):
+        a = absbits(x, t)
+        h = a >> np.uint32(16)
+        if h == b1:
+            idx1[c1] = at[t]
+            lo1[c1] = a & np.uint32(0xFFFF)
+            c1 += 1
+        elif h == b2:
+            idx2[c2] = at[t]
+            lo2[c2] = a & np.uint32(0xFFFF)
+            c2 += 1
+    return c1 + c2
+
+
+@JIT
 def count_low_in_bin(x, b, counts):
     for j in range(len(x)):
         a = absbits(x, j)
@@ -135,7 +179,7 @@ def count_low_in_bin(x, b, counts):
 
 def _k():  # noqa: ANN202
     """The compiled scans (a generated module, so an edit of the helpers they inline compiles them anew)."""
-    from searchmerge.store.kernels import compiled_module
+    from searchmerge.store.kernel_source import compiled_module
 
     return compiled_module(_SOURCE)
 
@@ -167,13 +211,18 @@ def _select(r: int, before: int, b: int, idx: np.ndarray, lo: np.ndarray) -> tup
     return (b << 16) | c_lo, less, idx[lo == c_lo]
 
 
-def values_at(x: np.ndarray, hist: Hist, rs: Sequence[int]) -> list[tuple[int, int, np.ndarray]]:
+def values_at(x: np.ndarray, hist: Hist, rs: Sequence[int],
+              at: np.ndarray | None = None) -> list[tuple[int, int, np.ndarray]]:
     """For each rank ``r`` (1-based, at most two): the ``r``-th smallest |x| as bits, how many entries are smaller,
-    and the ascending indices of the entries equal to it — from one scan of ``x`` for the entries of their bins."""
+    and the ascending indices of the entries equal to it — from one scan of ``x`` for the entries of their bins,
+    or of a listing that includes every entry of those bins: ``x[t]`` is entry ``at[t]`` (ascending)."""
     bins = [_bin_of(hist, r) for r in rs]
     if len(rs) == 1:
         b, before, size = bins[0]
-        c_lo, less, eq = _k().collect_select(x, np.uint32(b), size, rs[0] - before)
+        if at is None:
+            c_lo, less, eq = _k().collect_select(x, np.uint32(b), size, rs[0] - before)
+        else:
+            c_lo, less, eq = _k().collect_select_at(x, at, np.uint32(b), size, rs[0] - before)
         if less < 0:
             raise RuntimeError(f"order statistics out of date: bin {b} does not hold {size} entries")
         return [((b << 16) | int(c_lo), before + int(less), eq)]
@@ -184,19 +233,21 @@ def values_at(x: np.ndarray, hist: Hist, rs: Sequence[int]) -> list[tuple[int, i
     got = {b: (np.empty(sizes[b], dtype=np.int64), np.empty(sizes[b], dtype=np.uint32)) for b in distinct}
     if len(distinct) == 1:
         (b1,) = distinct
-        found = _k().collect_bin(x, np.uint32(b1), *got[b1])
+        found = (_k().collect_bin(x, np.uint32(b1), *got[b1]) if at is None
+                 else _k().collect_bin_at(x, at, np.uint32(b1), *got[b1]))
     else:
         b1, b2 = distinct
-        found = _k().collect_two_bins(x, np.uint32(b1), np.uint32(b2), *got[b1], *got[b2])
+        found = (_k().collect_two_bins(x, np.uint32(b1), np.uint32(b2), *got[b1], *got[b2]) if at is None
+                 else _k().collect_two_bins_at(x, at, np.uint32(b1), np.uint32(b2), *got[b1], *got[b2]))
     if found != sum(sizes.values()):
         raise RuntimeError(f"order statistics out of date: bins {distinct} hold {found} entries, not {sizes}")
     return [_select(r, before, b, *got[b]) for r, (b, before, _) in zip(rs, bins)]
 
 
-def value_at(x: np.ndarray, hist: Hist, r: int) -> tuple[int, int, np.ndarray]:
+def value_at(x: np.ndarray, hist: Hist, r: int, at: np.ndarray | None = None) -> tuple[int, int, np.ndarray]:
     """The ``r``-th smallest |x| (1-based) as bits, how many entries are smaller, and the (ascending) indices of
-    the entries equal to it: one scan of ``x`` for the entries of its bin."""
-    return values_at(x, hist, [r])[0]
+    the entries equal to it: one scan of ``x`` (or of a listing, see :func:`values_at`) for the entries of its bin."""
+    return values_at(x, hist, [r], at)[0]
 
 
 @dataclass(frozen=True)
@@ -223,25 +274,27 @@ class Cut:
         return 64 + int(self.fix.nbytes)
 
 
-def largest_keep(x: np.ndarray, hist: Hist, k: int) -> Cut:
+def largest_keep(x: np.ndarray, hist: Hist, k: int, at: np.ndarray | None = None) -> Cut:
     """The ``k`` largest |x| with ties at the cut to the lower index (``sparsify.magnitude_mask``)."""
     n = hist.n
     if k <= 0:
         return Cut(NOTHING, NONE_BITS, NONE_BITS)
     if k >= n:
         return Cut(ALL)
-    c, less, eq = value_at(x, hist, n - k + 1)  # the k-th largest value
+    c, less, eq = value_at(x, hist, n - k + 1, at)  # the k-th largest value
     missing = k - (n - less - len(eq))  # ties at c kept, lowest indices first
     rule = ("lower", c, 0, int(eq[missing - 1]), NONE_BITS, -1)
     return Cut(rule, c) if missing == len(eq) else Cut(rule, c + 1, NONE_BITS, eq)
 
 
-def band_keep(x: np.ndarray, hist: Hist, n_bot: int, m_top: int) -> Cut:
+def band_keep(x: np.ndarray, hist: Hist, n_bot: int, m_top: int, at: np.ndarray | None = None) -> Cut:
     """Among the ``m_top`` smallest and not among the ``n_bot`` smallest (``sparsify.outlier_mask``); both
     counts take ties at their cut lowest index first (``sparsify.smallest_mask``). One scan for both cuts."""
     n = hist.n
+    if _empty_band(n, n_bot, m_top):
+        return Cut(NOTHING, NONE_BITS, NONE_BITS)
     ranks_needed = [r for r in (n_bot, m_top) if 0 < r < n]
-    found = dict(zip(ranks_needed, values_at(x, hist, ranks_needed))) if ranks_needed else {}
+    found = dict(zip(ranks_needed, values_at(x, hist, ranks_needed, at))) if ranks_needed else {}
     fix = []
     if n_bot <= 0:
         lc, lq, lr, lo = 0, 0, n, 0  # every entry is "not among the 0 smallest"
@@ -274,18 +327,76 @@ def threshold_keep(threshold: float, n: int) -> Cut:
     return Cut(("lower", bits, 0, n, NONE_BITS, -1), bits)
 
 
-def stage_keep(method: str | None, density: float, gamma: float, x: np.ndarray, hist: Hist) -> Cut:
+def stage_keep(method: str | None, density: float, gamma: float, x: np.ndarray, hist: Hist,
+               at: np.ndarray | None = None) -> Cut:
     """What the stage keeps of one tensor: ``magnitude`` (TIES) or ``magnitude_outliers`` (breadcrumbs), with the
-    merge core's counts (``int(density·n)``, ``int(gamma·n)``)."""
+    merge core's counts (``int(density·n)``, ``int(gamma·n)``). With ``at``, ``x`` is a listing (``x[t]`` is entry
+    ``at[t]``) that holds every entry of the cuts' bins — the flagged pass's undecided entries — not the tensor."""
     n = hist.n
     if method is None or density >= 1:
         return Cut(ALL)
     if method == "magnitude":
-        return largest_keep(x, hist, int(density * n))
+        return largest_keep(x, hist, int(density * n), at)
     if method == "magnitude_outliers":
         n_bot, n_top = breadcrumbs_band(n, density, gamma)
-        return band_keep(x, hist, n_bot, n - n_top)
+        return band_keep(x, hist, n_bot, n - n_top, at)
     raise ValueError(f"no order-statistics keep rule for {method!r}")
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A keep rule before its cuts are resolved, from the histogram alone (no read of ``x``): entries with
+    ``lo <= a < hi`` are certainly kept, those in ``[flo, fhi)`` but not in ``[lo, hi)`` — the entries of the
+    bins that hold the cuts, at most ``size`` — undecided; all others dropped. The flagged pass applies it."""
+
+    lo: int = 0
+    hi: int = NONE_BITS
+    flo: int = 0
+    fhi: int = NONE_BITS
+    size: int = 0
+
+
+def _cut_bin(hist: Hist, r: int) -> tuple[int, int]:
+    """(bin, its size) of the ``r``-th smallest |x| (``0 < r < n``)."""
+    b, _, size = _bin_of(hist, r)
+    return b, size
+
+
+def stage_pending(method: str | None, density: float, gamma: float, hist: Hist) -> Pending:
+    """:func:`stage_keep`'s rule up to its cut bins: what the flagged pass keeps, drops and leaves undecided."""
+    n = hist.n
+    if method is None or density >= 1:
+        return Pending()
+    if method == "magnitude":
+        k = int(density * n)
+        if k <= 0:
+            return Pending(NONE_BITS, NONE_BITS, NONE_BITS, NONE_BITS)
+        if k >= n:
+            return Pending()
+        b, size = _cut_bin(hist, n - k + 1)  # the k-th largest's bin: above it kept, below dropped
+        return Pending((b + 1) << 16, NONE_BITS, b << 16, NONE_BITS, size)
+    if method != "magnitude_outliers":
+        raise ValueError(f"no order-statistics keep rule for {method!r}")
+    n_bot, n_top = breadcrumbs_band(n, density, gamma)
+    m_top = n - n_top
+    if _empty_band(n, n_bot, m_top):
+        return Pending(NONE_BITS, NONE_BITS, NONE_BITS, NONE_BITS)
+    lo = flo = hi = fhi = 0
+    sizes = {}
+    if n_bot > 0:  # the n_bot-th smallest's bin: above it not among the n_bot smallest
+        b, sizes[b] = _cut_bin(hist, n_bot)
+        lo, flo = (b + 1) << 16, b << 16
+    if m_top >= n:
+        hi = fhi = NONE_BITS
+    else:  # the m_top-th smallest's bin: below it among the m_top smallest
+        b, sizes[b] = _cut_bin(hist, m_top)
+        hi, fhi = b << 16, (b + 1) << 16
+    return Pending(lo, hi, flo, fhi, sum(sizes.values()))
+
+
+def _empty_band(n: int, n_bot: int, m_top: int) -> bool:
+    """Whether no entry is among the ``m_top`` smallest but not the ``n_bot`` smallest (one order, ties by index)."""
+    return n_bot >= min(m_top, n) or m_top <= 0
 
 
 def random_cut(key: tuple[int, int], density: float) -> Cut:
