@@ -7,6 +7,7 @@
       task_arithmetic: {lambda: search}             # `search`: the registry's search range
       ties: {density: [0.1, 0.9], lambda: [0.2, 1.5], merge_func: [sum, mean]}   # narrowed / choices
       tsv_m: {alpha: 1.0}                           # fixed
+      regmean: {alpha: [0.5, 1.0], examples: [128, 256]}   # data-driven (searchmerge.search.fusion): counts are choices
     granularity: per_model              # global | per_model (per-model parameters get one value per task)
     layer_groups: 1                     # G > 1: per-model parameters become depth gradients of G values
     tensor_kinds: [attention, mlp]      # a value per tensor kind (and one for the rest), emitted as name filters
