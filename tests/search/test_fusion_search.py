@@ -165,3 +165,50 @@ def test_adamerging_search_point_is_the_first_cmaes_trial(fixture_zoo, ray_sessi
         assert first[f"config/task_arithmetic.weight@{n}"] == pytest.approx(want, abs=1e-12)
     recipe = Recipe.from_yaml(first.recipe_yaml)
     assert [m.parameters["weight"] for m in recipe.models] == pytest.approx([min(max(pt["weight"][n], 0), 1) for n in names])
+
+
+def test_a_store_actor_restart_mid_fusion_trial_remerges_the_same_model(fixture_zoo, ray_session, tmp_path, monkeypatch):
+    """θ₀ is merged through the store before the data-driven merge is loaded, so the evaluator's incarnation is
+    recorded: a restart after the load is detected (never a silent read of the rebuilt θ₀) and the trial merges
+    again — the statistics from the cache — with the same final metrics."""
+    import functools
+    import time
+
+    import ray
+
+    from searchmerge.fusion.jobs import run_fusion
+    from searchmerge.search.driver import evaluate_resident
+    from searchmerge.search.evaluation import (
+        build_eval_module, exact_model, new_scorer, plan_chunks, split_features, token_lengths,
+    )
+    from searchmerge.search.fusion import FusionSource
+    from searchmerge.store import TaskVectorStore
+
+    monkeypatch.setenv("SEARCHMERGE_CACHE", str(tmp_path / "cache"))
+    bench = _bench(fixture_zoo)
+    tasks = bench.taskpool.names
+    mp = bench.modelpool
+    source = FusionSource.put(bench, "test")
+    recipe = fusion_recipe("regmean", {"alpha": 0.5, "examples": 32}, str(fixture_zoo), tasks)
+    feats = split_features(bench, "validation", tasks)
+    sizes = {t: len(bench.taskpool.tasks[t].splits["validation"]) for t in tasks}
+    chunks = plan_chunks(sizes, 16, 0, token_lengths(feats))
+    with TaskVectorStore.build(mp.base, [mp.finetuned[t] for t in tasks], names=tasks, cpus_per_actor=0.1) as store:
+        ev = store.attach_evaluator(functools.partial(build_eval_module, exact_model(bench), 1))
+        run = lambda on_chunk=None: evaluate_resident(store, ev, recipe, feats, chunks,  # noqa: E731
+                                                      new_scorer(bench.taskpool, "validation", tasks), on_chunk,
+                                                      fusion=source)
+        calm = run()
+        killed = []
+
+        def kill_once(partial, merge_s, eval_s, info):  # noqa: ANN001, ANN202
+            if not killed:
+                killed.append(True)
+                ray.kill(store._actors[0], no_restart=False)
+                time.sleep(0.5)  # ray.kill is asynchronous
+
+        hit = run(kill_once)
+    assert calm["fusion"]["stats_computed"] == 5 and hit["fusion"]["stats_hits"] == 5
+    assert hit["store_retries"] == 1 and hit["result"]["average"] == calm["result"]["average"]
+    job = run_fusion(bench, "regmean", {"alpha": 0.5, "examples": 32}, ["validation"])["results"]["validation"]
+    assert calm["result"]["average"] == pytest.approx(job["average"], abs=1e-12)
