@@ -8,8 +8,8 @@ range). Their parameters are declared here, over the defaults of :data:`searchme
 continuous range would make nearly every trial a new pass.
 
 A trial for such a method is a data recipe (``method: regmean``, ``data: {bench, split, examples, ...}``, the
-bench's models, ``parameters``; :mod:`searchmerge.fusion.data_recipe`, what ``searchmerge merge`` runs); it is merged by :func:`searchmerge.fusion.jobs.fusion_merge`
-on the replica's store actor (where the resident evaluation model lives and its CPUs / GPU are reserved),
+bench's models, ``parameters``: :mod:`searchmerge.fusion.data_recipe`, what ``searchmerge merge`` runs); it is
+merged by :func:`searchmerge.fusion.jobs.fusion_merge` on the replica's store actor (where the resident evaluation model lives and its CPUs / GPU are reserved),
 loaded in place into that model, and evaluated like every other trial. The statistics come from the disk
 cache after the first trial that needs them (``stats_hits`` / ``stats_computed`` in trials.parquet).
 """
@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from searchmerge.fusion.stats import FISHER_VARIANTS
 from searchmerge.methods.registry import Param, Range
 
 DISCRETE = ("examples", "batch_size", "seed")  # statistics parameters: a list is a set of values, never a range
@@ -39,7 +40,7 @@ _DECLARED: dict[str, tuple[type, Range | None, tuple[Any, ...] | None]] = {
     "split": (str, None, ("train", "validation")),
     "exclude": (list, None, None),
     "device": (str, None, ("auto", "cpu", "cuda")),
-    "variant": (str, None, ("batch", "per_example")),
+    "variant": (str, None, FISHER_VARIANTS),
     "normalize": (bool, None, (True, False)),
     "epsilon": (float, Range(0.0, None, low_open=True, search=(1e-8, 1e-4)), None),
     "granularity": (str, None, ("task", "layer")),
@@ -62,13 +63,6 @@ def _declaration(name: str, default: Any) -> tuple[type, Range | None, tuple[Any
     if default is None or isinstance(default, list):
         return list, None, None
     return type(default), None, None
-
-
-def fusion_methods() -> tuple[str, ...]:
-    """The data-driven methods a search can merge with."""
-    from searchmerge.fusion.jobs import PARAMS
-
-    return tuple(m for m in PARAMS if m not in NOT_SEARCHABLE)
 
 
 def is_fusion(method: str) -> bool:
