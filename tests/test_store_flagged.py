@@ -146,3 +146,42 @@ def test_worker_takes_the_flagged_pass_for_new_densities(monkeypatch):
         scanned = worker.merge(r, range(5), None, None)
         for k in names:
             assert np.array_equal(got[k][1], scanned[k][1]), (r.method, k)
+
+
+@pytest.mark.parametrize("residency", ["float32", "bfloat16"])
+def test_worker_whole_model_trim_in_flagged_passes(monkeypatch, residency):
+    """One shard given the thresholds' bins (``PendingTrim``, as the driver sends with one actor): the flagged passes
+    find the thresholds from the listed low bits and give the bits of the scan's thresholds — and of the merge core
+    (float32 residency) — for scalar and per-model densities (1 included), extreme ones, weights and ``max``; a
+    revisited density takes the cached thresholds and the plain fused pass."""
+    from searchmerge.merge import merge as core_merge
+    from searchmerge.recipe import global_scalars
+    from searchmerge.store.modeltrim import pending_trim
+    from searchmerge.store.stages import to_numpy, trim_stage
+    from searchmerge.store.worker import ShardWorker
+    from tests.test_store_density import MODELS, _recipe, _tied_zoo
+
+    base, models = _tied_zoo()
+    names = [k for k, v in base.items() if v.is_floating_point()]
+    as_src = lambda sd: {k: to_numpy(v) for k, v in sd.items()}  # noqa: E731
+    worker = ShardWorker(as_src(base), [as_src(m) for m in models], names, n_layers=2, residency_dtype=residency,
+                         cache_bytes=1 << 30, threads=2)
+    calls = []
+    real = kernels.flagged_pass
+    monkeypatch.setattr(kernels, "flagged_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sel = range(len(MODELS))
+    runs = [(0.1, None, "sum"), ([0.8, 0.2, 0.5, 1.0, 0.9], [0.7, 0.4, 1.1, 0.2, 0.9], "max"), (1e-4, None, "sum"),
+            (0.999, [0.7, 0.4, 1.1, -0.3, 0.9], "mean"), (0.1, None, "sum")]
+    for i, (d, weights, merge_func) in enumerate(runs):
+        r = _recipe("ties", d, weights, merge_func=merge_func, trim_scope="model")
+        stage, densities = trim_stage(r.spec, global_scalars(r), r.seed)
+        pending, _ = pending_trim(worker.trim_hist(stage, sel), worker.numel(), densities)
+        before = len(calls)
+        got = worker.merge(r, sel, pending, None)
+        assert len(calls) - before == (0 if i == len(runs) - 1 else len(names))  # the last revisits the first
+        scanned = worker.merge(r, sel, {"thresholds": worker._scanned_trim(sel, pending)}, None)
+        core = core_merge(r, base=base, models=models) if residency == "float32" else None
+        for k in names:
+            assert np.array_equal(got[k][1], scanned[k][1]), (d, k)
+            if core is not None:
+                assert np.array_equal(got[k][1].view(np.int32), core[k].numpy().view(np.int32)), (d, k)

@@ -26,8 +26,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 from searchmerge.store.sumorder import sum_tree, tree_source
 
 MAX_MODELS = 32  # more models take the chunked torch path (the unrolled source grows with N)
@@ -92,7 +90,8 @@ def combine_source(n: int, patterned: bool, ops: Sequence[str], consensus: str |
     ``ops[i]`` (none/div/mul), the consensus and merge function, the sum order (per-column or tail); ``based=False``
     writes the merged delta alone.
 
-    ``flag`` cuts keep ``lo <= a < hi`` (``flag_ge``: ``lo <= a``, ``fhi`` unused) and, block by block (:data:`FLAG_BLOCK` entries, still in cache), list the
+    ``flag`` cuts keep ``lo <= a < hi`` (``flag_ge``: ``lo <= a``, ``fhi`` unused) and, block by block
+    (:data:`FLAG_BLOCK` entries, still in cache), list the
     entries where some model's ``a`` lies in ``[flo, fhi)`` but not in its kept range — undecided, recomputed after
     the pass — with their index (``cidx``), each model's value (``cv[i]``) and the base (``cb``); the vectorised
     loop writes one flag byte per entry unconditionally (branch-free), the listing reads the flags 8 at a time.
@@ -108,7 +107,8 @@ def combine_source(n: int, patterned: bool, ops: Sequence[str], consensus: str |
     masking = "masked" if patterned else f"cuts {list(keeps)}" if keeps is not None else "dense"
     where = " at listed entries" if gather else ""
     where += " from a listing" if listed else ""
-    what = f"GTA combine, {n} models, {masking}{where}, ops {list(ops)}, {consensus}/{merge_func}{', tail' if ilp else ''}"
+    what = (f"GTA combine, {n} models, {masking}{where}, ops {list(ops)}, "
+            f"{consensus}/{merge_func}{', tail' if ilp else ''}")
     src = _HEADER.format(what=what, args=", ".join(args))
     src += "".join(f"    w{i} = w[{i}]\n    o{i} = opv[{i}]\n" for i in idx)
     if keeps is not None:
@@ -142,7 +142,8 @@ def _flag_source(head: str, n: int, args: list[str], keeps: Sequence[str], entry
     blk += f"        fl[j] = np.uint8({' | '.join(f'g{i}' for i in idx if keeps[i].startswith('flag'))})\n"
     views = ", ".join([f"x{i}[s0:e0]" for i in idx] + ["lo", "hi", "flo", "fhi", "opv", "w", "mean_div", "lam"]
                       + (["base[s0:e0]"] if based else []) + ["out[s0:e0]", "fl"])
-    drv = (f"\n\n@numba.njit(cache=True, nogil=True, fastmath=False, boundscheck=False)\ndef kernel({', '.join(args)}):\n"
+    drv = ("\n\n@numba.njit(cache=True, nogil=True, fastmath=False, boundscheck=False)\n"
+           f"def kernel({', '.join(args)}):\n"
            f"    fl = np.zeros({FLAG_BLOCK}, dtype=np.uint8)\n    fw = fl.view(np.uint64)\n    c = 0\n"
            f"    for s0 in range(0, len(out), {FLAG_BLOCK}):\n        e0 = min(len(out), s0 + {FLAG_BLOCK})\n"
            f"        block({views})\n"

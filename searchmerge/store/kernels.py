@@ -246,10 +246,25 @@ def fused_combine_into(
                numel)
 
 
-def flagged_combine_into(
+@dataclass
+class Listing:
+    """What a flagged pass leaves to finish: the undecided entries (ascending ``at``), each model's value at them
+    (``values[i]``, float32) and the base's (``bases``), and the pass's configuration and output."""
+
+    setup: _Combine
+    at: np.ndarray
+    values: np.ndarray  # (models, entries) float32
+    bases: np.ndarray
+    out: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.at.nbytes + self.values.nbytes + self.bases.nbytes)
+
+
+def flagged_pass(
     vals: Sequence[np.ndarray],
     pending: Sequence[Pending],
-    resolve: Callable[[np.ndarray, np.ndarray], Sequence[Cut]],
     ops: Sequence[tuple],
     weights: Sequence[float],
     *,
@@ -259,17 +274,9 @@ def flagged_combine_into(
     base: np.ndarray | None,
     out: np.ndarray,
     threads: int = 1,
-) -> list[Cut]:
-    """:func:`fused_combine_into` over a whole tensor for keep rules known only up to the histogram bins that hold
-    their cuts (:class:`~searchmerge.store.ranks.Pending`), without a scan of ``vals`` for the exact cuts.
-
-    One pass keeps the entries certainly kept and lists, block by block while they are in cache, the entries where
-    some model's keep is undecided (their index, every model's value and the base); ``resolve(at, values)`` gets
-    that listing (ascending indices; ``values[i][t]`` is model ``i``'s value at ``at[t]``), which includes every
-    entry of every cut's bin, and returns the exact cuts; the listed entries are then recomputed from the listing
-    with those cuts' exact rules. Returns the exact cuts (the next trial of the same stage applies them with
-    :func:`fused_combine_into`). The bits are :func:`fused_combine_into`'s with those cuts.
-    """
+) -> Listing:
+    """The first half of :func:`flagged_combine_into`: ``out`` for the entries the rules decide, and the listing of
+    the others (which :func:`finish_listing` recomputes once their exact cuts are known)."""
     numel = len(out)
     setup = _combine_setup(vals, None, ops, weights, consensus, merge_func, lambda_, base, out, 0, numel)
     if len(pending) != len(vals):
@@ -294,12 +301,48 @@ def flagged_combine_into(
 
     _by_order(0, numel, numel, threads, piece)
     ordered = [parts[s] for s in sorted(parts)]
-    at = np.concatenate([p[0] for p in ordered])
-    values = np.concatenate([p[1] for p in ordered], axis=1)
-    cuts = list(resolve(at, values))
-    if len(at):
-        _recompute(setup, list(values), _uniform_cuts(cuts, numel), at, base, out, 0, numel,
-                   listed_base=np.concatenate([p[2] for p in ordered]))
+    if len(ordered) == 1:
+        return Listing(setup, *ordered[0], out)
+    return Listing(setup, np.concatenate([p[0] for p in ordered]), np.concatenate([p[1] for p in ordered], axis=1),
+                   np.concatenate([p[2] for p in ordered]), out)
+
+
+def finish_listing(listing: Listing, vals: Sequence[np.ndarray], base: np.ndarray | None, cuts: Sequence[Cut]) -> None:
+    """Recompute a flagged pass's listed entries with the exact ``cuts`` (the bits of :func:`fused_combine_into`
+    with them): from the listing, in order, writing only ``out`` at the listed indices."""
+    if len(listing.at):
+        _recompute(listing.setup, list(listing.values), _uniform_cuts(cuts, len(listing.out)), listing.at, base,
+                   listing.out, 0, len(listing.out), listed_base=listing.bases)
+
+
+def flagged_combine_into(
+    vals: Sequence[np.ndarray],
+    pending: Sequence[Pending],
+    resolve: Callable[[np.ndarray, np.ndarray], Sequence[Cut]],
+    ops: Sequence[tuple],
+    weights: Sequence[float],
+    *,
+    consensus: str | None,
+    merge_func: str,
+    lambda_: float,
+    base: np.ndarray | None,
+    out: np.ndarray,
+    threads: int = 1,
+) -> list[Cut]:
+    """:func:`fused_combine_into` over a whole tensor for keep rules known only up to the histogram bins that hold
+    their cuts (:class:`~searchmerge.store.ranks.Pending`), without a scan of ``vals`` for the exact cuts.
+
+    One pass keeps the entries certainly kept and lists, block by block while they are in cache, the entries where
+    some model's keep is undecided (their index, every model's value and the base); ``resolve(at, values)`` gets
+    that listing (ascending indices; ``values[i][t]`` is model ``i``'s value at ``at[t]``), which includes every
+    entry of every cut's bin, and returns the exact cuts; the listed entries are then recomputed from the listing
+    with those cuts' exact rules. Returns the exact cuts (the next trial of the same stage applies them with
+    :func:`fused_combine_into`). The bits are :func:`fused_combine_into`'s with those cuts.
+    """
+    listing = flagged_pass(vals, pending, ops, weights, consensus=consensus, merge_func=merge_func, lambda_=lambda_,
+                           base=base, out=out, threads=threads)
+    cuts = list(resolve(listing.at, listing.values))
+    finish_listing(listing, vals, base, cuts)
     return cuts
 
 

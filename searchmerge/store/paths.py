@@ -18,8 +18,8 @@ import torch
 
 from searchmerge.merge import DTYPES, merge_tensor, tensor_rng
 from searchmerge.recipe import Recipe, layer_fraction, resolve_params
-from searchmerge.store import kernels
-from searchmerge.store.cutpaths import CHEAP, COSTLY, CutPaths
+from searchmerge.store import kernels, ranks
+from searchmerge.store.cutpaths import COSTLY, CutPaths
 from searchmerge.store.stages import (
     Combine,
     Sparse,

@@ -19,6 +19,7 @@ from searchmerge.io.task_models import backbone_views
 from searchmerge.merge import DTYPES, check_compatible, tensor_rng
 from searchmerge.recipe import Recipe, global_scalars, layer_index
 from searchmerge.cluster.placement import default_placement, node_affinity
+from searchmerge.store.modeltrim import PendingTrim, pending_trim, radix_threshold
 from searchmerge.store.stages import from_numpy, to_numpy, trim_stage
 from searchmerge.store.worker import EvaluatorLost, ShardWorker
 
@@ -187,7 +188,7 @@ class TaskVectorStore:
         except BaseException:
             self.close()
             raise
-        self._thresholds: dict[Any, list[float]] = {}
+        self._thresholds: dict[Any, Any] = {}  # thresholds (a list), or with one actor the PendingTrim it resolves
         self._stats_cache: dict[Any, Any] = {}
         self._hist1: dict[Any, np.ndarray] = {}
         return self
@@ -257,8 +258,9 @@ class TaskVectorStore:
             return self._generic_stats(recipe, sel, scalars)
         stage, densities = known
         key = (stage, tuple(sel), tuple(densities))
-        if key in self._thresholds:
-            return {"thresholds": list(self._thresholds[key])}
+        if key in self._thresholds:  # thresholds, or (one actor) the bins its flagged passes resolve
+            hit = self._thresholds[key]
+            return hit if isinstance(hit, PendingTrim) else {"thresholds": list(hit)}
         total = self.n_params
         ks = [total - int(total * d) if d < 1 else 0 for d in densities]
         thresholds = [0.0] * len(sel)
@@ -269,18 +271,14 @@ class TaskVectorStore:
             if h1 is None:
                 h1 = sum(self._get([a.trim_hist.remote(stage, sel) for a in self._actors]))
                 self._hist1[hkey] = h1
-            prefixes: list[int | None] = [None] * len(sel)
-            rest = [0] * len(sel)
-            for i in need:
-                cum = np.cumsum(h1[i])
-                b = int(np.searchsorted(cum, ks[i]))  # first bin with cumulative count >= k
-                prefixes[i] = b
-                rest[i] = ks[i] - (int(cum[b - 1]) if b > 0 else 0)
+            pending, need = pending_trim(h1, total, densities)
+            if len(self._actors) == 1 and stage.trivial:  # the shard finds the low bits itself (flagged passes)
+                self._thresholds[key] = pending
+                return pending
+            prefixes = [None if b is None else b[0] for b in pending.bins]
             h2 = sum(self._get([a.trim_hist.remote(stage, sel, prefixes) for a in self._actors]))
             for i in need:
-                lo = int(np.searchsorted(np.cumsum(h2[i]), rest[i]))
-                bits = np.array([(int(prefixes[i]) << 16) | lo], dtype=np.int32)
-                thresholds[i] = float(bits.view(np.float32)[0])
+                thresholds[i] = radix_threshold(*pending.bins[i], h2[i])
         self._thresholds[key] = thresholds
         return {"thresholds": list(thresholds)}
 

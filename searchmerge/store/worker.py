@@ -21,6 +21,7 @@ from searchmerge.io.task_models import backbone_views
 from searchmerge.merge import DTYPES, check_finite, tensor_rng
 from searchmerge.recipe import Recipe, global_scalars
 from searchmerge.store import kernels, ranks
+from searchmerge.store.modeltrim import ModelTrimPaths, out_dtypes_of
 from searchmerge.store.paths import LRU, MergePaths
 from searchmerge.store.stages import (
     Sparse,
@@ -56,7 +57,7 @@ def _reader(src: Any, allow_pickle: bool):
     return backbone_views([open_checkpoint(src, allow_pickle=allow_pickle)])[0][0]  # a task model: its backbone
 
 
-class ShardWorker(MergePaths):
+class ShardWorker(MergePaths, ModelTrimPaths):
     """Holds θ₀ and τ_i = θ_i − θ₀ (in ``residency_dtype``) for ``names``; merges them per recipe."""
 
     def __init__(
@@ -287,12 +288,13 @@ class ShardWorker(MergePaths):
 
     def merge(self, recipe: Recipe, sel: Sequence[int], stats: Any, out_dtype: str | None) -> dict[str, Any]:
         """Merged tensors of this shard, as numpy (zero-copy through the object store)."""
-        out = {}
         self.cache.new_trial()
+        ods = out_dtypes_of(self.base, self.names, out_dtype)
+        targets: dict[str, torch.Tensor | None] = {k: None for k in self.names}
         with torch.no_grad():
-            for k in self.names:
-                od = DTYPES[out_dtype] if out_dtype else self.base[k].dtype
-                out[k] = to_numpy(self._merge_one(recipe, k, sel, stats, None, od))
+            stats, merged = self._resolve_stats(recipe, sel, stats, targets, ods)  # merged: by flagged passes
+            out = {k: to_numpy(targets[k] if merged else self._merge_one(recipe, k, sel, stats, None, ods[k]))
+                   for k in self.names}
         self.merges += 1
         return out
 
@@ -315,10 +317,11 @@ class ShardWorker(MergePaths):
             self.attach(builder, passthrough)
         sd = self._ev_sd
         self.cache.new_trial()
+        ods = out_dtypes_of(self.base, self.names, out_dtype)
         with torch.no_grad():
-            for k in self.names:
-                od = DTYPES[out_dtype] if out_dtype else self.base[k].dtype
-                self._merge_one(recipe, k, sel, stats, sd[k], od)
+            stats, merged = self._resolve_stats(recipe, sel, stats, {k: sd[k] for k in self.names}, ods)
+            for k in () if merged else self.names:  # merged: by the flagged whole-model trim's passes
+                self._merge_one(recipe, k, sel, stats, sd[k], ods[k])
             for shard in shards:
                 for k, v in shard.items():
                     sd[k].copy_(from_numpy(v))
