@@ -21,9 +21,9 @@ Each row says what changes every trial (λ; per-model weights; density; a 3-knot
 MergeKit's list syntax, resolved per tensor inside the same fused passes). ``--rows WORDS`` runs a subset. Its bound is the bytes that row's trial
 must touch divided by the copy bandwidth measured right before the row (the shared machine's bandwidth drifts):
 task arithmetic reads θ₀ and the N task vectors and writes the model; a cached unit-weight TIES trial (new λ) reads
-θ₀ and the cached merged delta and writes the model (three streams); a new TIES / breadcrumbs density scans each
-task vector once for its cut (order statistics) and then makes the fused pass (task arithmetic's bytes): 2·N
-task-vector reads; DARE draws its masks inside the fused pass (task arithmetic's bytes), plus for ``rescale: l1``
+θ₀ and the cached merged delta and writes the model (three streams); a new TIES / breadcrumbs density takes one
+flagged fused pass (the cuts' histogram bins from order statistics; the bins' entries, ≈0.2–1%, listed as the pass
+goes and recomputed): task arithmetic's bytes; DARE draws its masks inside the fused pass (task arithmetic's bytes), plus for ``rescale: l1``
 one read of each τ and a write and read of its masked |τ| (torch sums it, as the core does); DELLA (masks from
 per-row ranks, not fused; ``--della``) is given task arithmetic's bytes. The ratio column ``(c)/TA`` compares each row with the
 task-arithmetic row of the same thread count, same run.
@@ -104,7 +104,7 @@ def rows(base: Path, fts: list[Path], threads: list[int], slow_trials: int, dell
         return [[DENSITIES[(i + j) % len(DENSITIES)] + shift for j in range(3)]] * n
 
     ta = lambda p, k, b: (8 + k * b) * p  # noqa: E731 - read θ₀, read N τ, write the model
-    scan = lambda p, k, b: (8 + 2 * k * b) * p  # noqa: E731 - one scan of each τ for its cut + the fused pass
+    flagged = ta  # one flagged fused pass (its listing of the cuts' bins, ≈0.2–1% of the entries, not counted)
     cached = lambda p, k, b: 12 * p  # noqa: E731 - read θ₀ and the cached merged delta, write the model
     l1 = lambda p, k, b: (8 + 2 * k * b + 8 * k) * p  # noqa: E731 - + per model: read τ, write and sum |τ·mask|
     out = []
@@ -112,21 +112,21 @@ def rows(base: Path, fts: list[Path], threads: list[int], slow_trials: int, dell
         out += [
             Row("task_arithmetic", "λ", "ta", lambda i: r("task_arithmetic", i), ta, t, mergekit=True),
             Row("ties (tensor)", "density", "ties_tensor",
-                lambda i: r("ties", i, density=[DENSITIES[i]] * n, merge_func="sum"), scan, t, mergekit=True),
+                lambda i: r("ties", i, density=[DENSITIES[i]] * n, merge_func="sum"), flagged, t, mergekit=True),
         ]
     out += [
         Row("ties (tensor)", "λ (density .2)", "ties_tensor", lambda i: r("ties", i, density=[0.2] * n, merge_func="sum"),
             cached),
         Row("ties (tensor)", "density gradient (3 knots)", "ties_tensor",
-            lambda i: r("ties", i, density=gradient(i), merge_func="sum"), scan, mergekit=True),
+            lambda i: r("ties", i, density=gradient(i), merge_func="sum"), flagged, mergekit=True),
         Row("task_arithmetic", "weight gradient (3 knots)", "ta",
             lambda i: r("task_arithmetic", i, weights=[[w * 3 for w in g] for g in gradient(i)]), ta, mergekit=True),
         Row("ties (tensor, weighted)", "weights + per-model density", "ties_tensor",
-            lambda i: r("ties", i, weights=new_weights(i), density=new_densities(i)), scan, mergekit=True),
+            lambda i: r("ties", i, weights=new_weights(i), density=new_densities(i)), flagged, mergekit=True),
         Row("ties (model)", "density", "ties_model",
-            lambda i: r("ties", i, density=[DENSITIES[i]] * n, merge_func="sum", trim_scope="model"), scan),
+            lambda i: r("ties", i, density=[DENSITIES[i]] * n, merge_func="sum", trim_scope="model"), flagged),
         Row("breadcrumbs_ties", "density", "breadcrumbs",
-            lambda i: r("breadcrumbs_ties", i, density=[DENSITIES[i] + 0.3] * n, gamma=0.01), scan,
+            lambda i: r("breadcrumbs_ties", i, density=[DENSITIES[i] + 0.3] * n, gamma=0.01), flagged,
             mergekit=True),
         Row("dare_ties (tensor), rescale inverse", "density", "dare_ties",
             lambda i: r("dare_ties", i, density=[DENSITIES[i] + 0.3] * n, rescale="inverse"), ta),
