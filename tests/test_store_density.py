@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from searchmerge.methods.sparsify import magnitude_mask, outlier_mask, sparsify
-from searchmerge.store import kernels, ranks
+from searchmerge.store import kernels, ranks, rankscan, threadpool
 from searchmerge.store.stages import Combine, combine
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba not installed")
@@ -43,7 +43,7 @@ def test_keep_rules_equal_the_core_masks(kind):
         x = _awkward(n, kind, g)
         for t in (x, x.to(torch.bfloat16)) if kind == 2 else (x,):
             arr = _array(t)
-            hist = ranks.histogram(arr)
+            hist = rankscan.histogram(arr)
             assert hist.n == n and hist.finite and int(hist.cum[-1]) == n
             for d in DENSITIES:
                 want = magnitude_mask(t.float(), d).bool().numpy()
@@ -59,8 +59,8 @@ def test_keep_rules_equal_the_core_masks(kind):
 
 def test_non_finite_values_are_flagged():
     x = torch.tensor([0.1, float("inf"), -0.2])
-    assert not ranks.histogram(x.numpy()).finite
-    assert ranks.histogram(torch.tensor([0.1, -0.2]).numpy()).finite
+    assert not rankscan.histogram(x.numpy()).finite
+    assert rankscan.histogram(torch.tensor([0.1, -0.2]).numpy()).finite
 
 
 def test_threshold_rule_is_the_whole_model_compare():
@@ -81,7 +81,7 @@ def _fused(c: Combine, method: str, taus, densities, rescale, base, *, gamma=0.0
            based=True):
     m = base.numel()
     arrays = [_array(t) for t in taus]
-    keeps = [ranks.stage_keep(method, d, gamma, a, ranks.histogram(a)) for a, d in zip(arrays, densities)]
+    keeps = [ranks.stage_keep(method, d, gamma, a, rankscan.histogram(a)) for a, d in zip(arrays, densities)]
     ops = [("div", d) if rescale == "inverse" and d < 1 else ("none",) for d in densities]
     out = np.empty(m, dtype=np.float32)
     step = step or m
@@ -134,7 +134,7 @@ def test_merged_delta_alone_and_bfloat16_inputs():
 
 def test_threads_split_in_aligned_pieces():
     for n, t in ((10, 2), (1 << 17, 2), ((1 << 17) + 5, 2), (10**6, 3), (0, 2)):
-        pieces = kernels.split(n, t)
+        pieces = threadpool.split(n, t)
         assert pieces[0][0] == 0 and pieces[-1][1] == n and len(pieces) <= max(1, t)
         assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
         assert all(s % 64 == 0 for s, _ in pieces)

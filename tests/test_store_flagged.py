@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from searchmerge.store import kernels, ranks
+from searchmerge.store import kernels, ranks, rankscan, threadpool
 from searchmerge.store.kernel_source import FLAG_BLOCK
 from searchmerge.store.stages import Combine, combine
 from searchmerge.store.sumorder import plain_count
@@ -21,7 +21,7 @@ METHODS = ("magnitude", "magnitude_outliers")
 def _flagged(c: Combine, method: str, taus, densities, rescale, base, *, gamma=0.01, threads=1, based=True):
     """The flagged pass over whole tensors; also checks that its cuts are the scan's."""
     arrays = [kernels.as_kernel_array(t) for t in taus]
-    hists = [ranks.histogram(a) for a in arrays]
+    hists = [rankscan.histogram(a) for a in arrays]
     pending = [ranks.stage_pending(method, d, gamma, h) for d, h in zip(densities, hists)]
     ops = [("div", d) if rescale == "inverse" and d < 1 else ("none",) for d in densities]
     seen = []
@@ -101,7 +101,7 @@ def test_flagged_edge_cases(threads):
     one_bin = _one_bin(m, g)
     two_bins = torch.where(torch.arange(m) % 2 == 0, 1.0, 0.25) * torch.sign(torch.randn(m, generator=g))
     sparse = torch.full((m,), 2.0**-20)  # far below: the boundaries below hold the cut's bin
-    at = [FLAG_BLOCK - 1, FLAG_BLOCK, 2 * FLAG_BLOCK - 1, *(s for s, _ in kernels.split(m, 2)), plain_count(m) - 1,
+    at = [FLAG_BLOCK - 1, FLAG_BLOCK, 2 * FLAG_BLOCK - 1, *(s for s, _ in threadpool.split(m, 2)), plain_count(m) - 1,
           plain_count(m), m - 1]
     sparse[at] = torch.tensor([0.5, -0.5, 0.5, 0.75, -0.75, 0.5, 0.5, -0.5][: len(at)])
     taus = [one_bin, two_bins, sparse]

@@ -22,8 +22,9 @@ import torch
 
 from searchmerge.merge import tensor_rng
 from searchmerge.methods.sparsify import mask_key
-from searchmerge.store import kernels, ranks
+from searchmerge.store import kernels, ranks, rankscan
 from searchmerge.store.stages import Combine, Stage, deliver, output_buffer, scale_add_into
+from searchmerge.store.threadpool import MIN_PER_THREAD, map_threads
 
 F32 = torch.float32
 
@@ -34,11 +35,11 @@ CHEAP, COSTLY = 0, 1
 class CutPaths:
     """Keep-rule merge paths (a mixin of :class:`~searchmerge.store.paths.MergePaths`)."""
 
-    def _hist(self, k: str, i: int) -> ranks.Hist:
+    def _hist(self, k: str, i: int) -> rankscan.Hist:
         """Model ``i``'s magnitude histogram for tensor ``k``: built on first use (one pass), then kept."""
         h = self.order_stats.get((k, i))
         if h is None:
-            h = self.order_stats[(k, i)] = ranks.histogram(kernels.as_kernel_array(self.taus[k][i].reshape(-1)))
+            h = self.order_stats[(k, i)] = rankscan.histogram(kernels.as_kernel_array(self.taus[k][i].reshape(-1)))
         return h
 
     def _cut_stage(self, k: str, stage: Stage, sel: Sequence[int], taus: Sequence[torch.Tensor]) -> bool:
@@ -76,7 +77,7 @@ class CutPaths:
                     return ranks.stage_keep(stage.sparsification, stage.density[m], _gamma(stage, m),
                                             kernels.as_kernel_array(taus[m].reshape(-1)), self._hist(k, sel[m]))
 
-                cuts = kernels.map_threads(one, range(len(sel)), self._scan_threads(n))
+                cuts = map_threads(one, range(len(sel)), self._scan_threads(n))
             ops = _trim_ops(stage, len(sel))
         self._keep_cuts(key, cuts, ops)
         return cuts, ops, False
@@ -85,7 +86,7 @@ class CutPaths:
         self.cache.put(key, (cuts, ops), sum(c.nbytes for c in cuts), CHEAP)
 
     def _scan_threads(self, n: int) -> int:
-        return self.threads if n >= kernels.MIN_PER_THREAD else 1  # small tensors: no pool hand-off
+        return self.threads if n >= MIN_PER_THREAD else 1  # small tensors: no pool hand-off
 
     def _flaggable(self, k: str, stage: Stage, sel: Sequence[int], base: torch.Tensor, target: torch.Tensor) -> bool:
         """Whether a new per-tensor trim can take the flagged pass (no scan for its cuts): its rules are not cached
@@ -107,7 +108,7 @@ class CutPaths:
             def one(m: int) -> ranks.Cut:
                 return ranks.stage_keep(method, stage.density[m], _gamma(stage, m), values[m], hists[m], at)
 
-            return kernels.map_threads(one, range(len(sel)), self.threads if len(at) >= 1 << 14 else 1)
+            return map_threads(one, range(len(sel)), self.threads if len(at) >= 1 << 14 else 1)
 
         ops = _trim_ops(stage, len(sel))
         cuts = kernels.flagged_combine_into(

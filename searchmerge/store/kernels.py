@@ -12,7 +12,6 @@ take these paths; other devices use the chunked torch ops.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -28,6 +27,7 @@ from searchmerge.store.kernel_source import (
 )
 from searchmerge.store.ranks import NONE_BITS, Cut, Pending
 from searchmerge.store.sumorder import plain_count
+from searchmerge.store.threadpool import run_pieces
 
 try:  # numba is a dependency; the guard keeps the torch path usable where it is absent (e.g. a bare GPU box)
     import numba
@@ -61,44 +61,6 @@ def keep_pattern(bits: Sequence[np.ndarray | None], numel: int) -> np.ndarray:
         keep = np.ones(numel, dtype=bool) if b is None else np.unpackbits(b, count=numel).view(bool)
         out |= keep.astype(out.dtype) << out.dtype.type(i)
     return out
-
-
-# --- threads ------------------------------------------------------------------------------------------
-
-#: below this many entries per thread a tensor runs on the calling thread (a pool hand-off costs ~50 µs)
-MIN_PER_THREAD = 1 << 16
-_pools: dict[int, ThreadPoolExecutor] = {}
-
-
-def split(n: int, threads: int) -> list[tuple[int, int]]:
-    """``[0, n)`` in at most ``threads`` contiguous pieces of at least :data:`MIN_PER_THREAD` entries (multiples
-    of 64, so pieces start on cache lines and packed masks stay byte-aligned)."""
-    parts = max(1, min(int(threads), n // MIN_PER_THREAD))
-    step = (-(-n // parts) + 63) // 64 * 64 if parts > 1 else n
-    return [(s, min(n, s + step)) for s in range(0, n, max(step, 1))] or [(0, 0)]
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    pool = _pools.get(threads)
-    if pool is None:
-        pool = _pools[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="searchmerge-kernel")
-    return pool
-
-
-def map_threads(fn: Callable[[Any], Any], items: Sequence[Any], threads: int) -> list[Any]:
-    """``[fn(x) for x in items]`` on ``threads`` threads (for GIL-releasing work such as the rank scans)."""
-    if threads <= 1 or len(items) <= 1:
-        return [fn(x) for x in items]
-    return list(_pool(threads).map(fn, items))
-
-
-def run_pieces(n: int, threads: int, fn: Callable[[int, int], Any]) -> list[Any]:
-    """``fn(start, stop)`` over :func:`split` pieces, on a pool of ``threads`` (the kernels release the GIL).
-    Elementwise kernels give the same bits however they are split."""
-    pieces = split(n, threads)
-    if len(pieces) == 1:
-        return [fn(*pieces[0])]
-    return list(_pool(threads).map(lambda se: fn(*se), pieces))
 
 
 # --- API ---------------------------------------------------------------------------------------------

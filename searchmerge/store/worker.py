@@ -20,9 +20,10 @@ from searchmerge.errors import NonFiniteError
 from searchmerge.io.task_models import backbone_views
 from searchmerge.merge import DTYPES, check_finite, tensor_rng
 from searchmerge.recipe import Recipe, global_scalars
-from searchmerge.store import kernels, ranks
+from searchmerge.store import kernels, rankscan
 from searchmerge.store.modeltrim import ModelTrimPaths, out_dtypes_of
 from searchmerge.store.paths import LRU, MergePaths
+from searchmerge.store.threadpool import map_threads
 from searchmerge.store.stages import (
     Sparse,
     Stage,
@@ -112,7 +113,7 @@ class ShardWorker(MergePaths, ModelTrimPaths):
             t.numel() * t.element_size() for k in self.names for t in [self.base[k], *self.taus[k]]
         )
         self.cache = LRU(cache_bytes)
-        self.order_stats: dict[tuple[str, int], Any] = {}  # (tensor, model) -> ranks.Hist, built on first use
+        self.order_stats: dict[tuple[str, int], Any] = {}  # (tensor, model) -> rankscan.Hist, built on first use
         self.l1_norms: dict[tuple[str, int], torch.Tensor] = {}  # (tensor, model) -> Σ|τ| (DARE's L1 rescale)
         self.unit_cache_fits = 4 * sum(self.base[k].numel() for k in self.names) <= self.cache.capacity
         self.evaluator: torch.nn.Module | None = None
@@ -244,10 +245,10 @@ class ShardWorker(MergePaths, ModelTrimPaths):
                 if prefixes is None:
                     h[m] += self._hist(k, sel[m]).dense()
                 elif prefixes[m] is not None:
-                    ranks.low_histogram(kernels.as_kernel_array(self.taus[k][sel[m]].reshape(-1)), int(prefixes[m]),
+                    rankscan.low_histogram(kernels.as_kernel_array(self.taus[k][sel[m]].reshape(-1)), int(prefixes[m]),
                                         h[m])
 
-        kernels.map_threads(one, range(len(sel)), self.threads)
+        map_threads(one, range(len(sel)), self.threads)
         return h
 
     def _trim_hist_torch(self, stage: Stage, sel: Sequence[int], prefixes: Sequence[int | None] | None) -> np.ndarray:
