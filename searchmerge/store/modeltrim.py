@@ -127,10 +127,11 @@ class ModelTrimPaths:
             if b is None:
                 thresholds.append(0.0)
                 continue
-            low = np.zeros(1 << 16, dtype=np.int64)
+            lows = []
             for listing, _, _ in listings.values():
                 bits = listing.values[m].view(np.uint32) & np.uint32(0x7FFFFFFF)
-                low += np.bincount(bits[(bits >> 16) == b[0]] & 0xFFFF, minlength=1 << 16)
+                lows.append(bits[(bits >> 16) == b[0]] & np.uint32(0xFFFF))
+            low = np.bincount(np.concatenate(lows), minlength=1 << 16)  # one count over the whole model
             thresholds.append(radix_threshold(b[0], b[1], low))
         for k, (listing, vals, flat_base) in listings.items():
             n = self.base[k].numel()
