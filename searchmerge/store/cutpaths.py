@@ -7,7 +7,8 @@ Mixed into :class:`~searchmerge.store.paths.MergePaths` (which provides ``_combi
   density takes the flagged pass (the histograms give each cut's bin; the pass keeps what lies above it, lists
   that bin's entries while they are in cache, and the listing gives the exact cuts and the entries to recompute):
   one pass, not a scan plus a pass, nor a sort. Cached cuts (a stage's later trials) and chunked targets take the
-  plain fused pass; the whole-model trim's thresholds come from the driver (order statistics + one scan per τ);
+  plain fused pass. TIES' whole-model trim: thresholds from the driver (order statistics + one scan per τ), or
+  with one actor from the shard's own flagged passes (:mod:`~searchmerge.store.modeltrim`);
 * DARE (``dare_ties`` with ``trim_density: 1``, ``dare_linear``): the counter-based draws of
   ``sparsify.random_mask`` computed entry by entry inside the fused pass — a new density or seed costs one pass
   (plus, for ``rescale: l1``, one pass per model writing the masked |τ| that torch sums as the core does).

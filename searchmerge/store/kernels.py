@@ -219,10 +219,6 @@ class Listing:
     bases: np.ndarray
     out: np.ndarray
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.at.nbytes + self.values.nbytes + self.bases.nbytes)
-
 
 def flagged_pass(
     vals: Sequence[np.ndarray],
