@@ -77,8 +77,11 @@ def _keep_expr(i: int, kind: str) -> str:
     return f"({lower}) & ((m{i} < uc{i}) | ((m{i} == uc{i}) & (jj <= up{i})))"
 
 
-#: entries per block of a flagged pass: its inputs stay in L1/L2 while its undecided entries are listed
-FLAG_BLOCK = 8192
+#: entries per block of a flagged pass: its inputs stay in L2 while its undecided entries are listed (8,192 to
+#: 32,768 measured within 5% of each other; 65,536 slower)
+FLAG_BLOCK = 32768
+_SUPPORT_IMPORT = "from searchmerge.store.kernels_support import"
+_TZ_IMPORT = "from numba.cpython.unsafe.numbers import trailing_zeros\n"
 
 
 def combine_source(n: int, patterned: bool, ops: Sequence[str], consensus: str | None, merge_func: str,
@@ -147,15 +150,18 @@ def _flag_source(head: str, n: int, args: list[str], keeps: Sequence[str], entry
            f"    fl = np.zeros({FLAG_BLOCK}, dtype=np.uint8)\n    fw = fl.view(np.uint64)\n    c = 0\n"
            f"    for s0 in range(0, len(out), {FLAG_BLOCK}):\n        e0 = min(len(out), s0 + {FLAG_BLOCK})\n"
            f"        block({views})\n"
-           "        for t in range((e0 - s0 + 7) // 8):\n            if fw[t] != 0:\n"
-           "                for u in range(8):\n                    jc = s0 + t * 8 + u\n"
-           "                    if jc < e0 and fl[t * 8 + u] != 0:\n"
-           "                        if c == len(cidx):\n                            return -1\n"
-           "                        cidx[c] = jc + j0\n")
-    drv += "".join(f"                        cv[{i}, c] = load(x{i}, jc)\n" for i in idx)
-    drv += "                        cb[c] = base[jc]\n" if based else ""
-    drv += "                        c += 1\n    return c\n"
-    return blk + drv
+           "        for t in range((e0 - s0 + 7) // 8):\n            wv = fw[t]\n"
+           "            while wv != 0:  # each nonzero flag byte of the word, lowest first\n"
+           "                u = np.int64(trailing_zeros(wv) >> np.uint64(3))\n"
+           "                wv &= ~(np.uint64(0xFF) << np.uint64(u * 8))\n"
+           "                jc = s0 + t * 8 + u\n"
+           "                if jc < e0:\n"
+           "                    if c == len(cidx):\n                        return -1\n"
+           "                    cidx[c] = jc + j0\n")
+    drv += "".join(f"                    cv[{i}, c] = load(x{i}, jc)\n" for i in idx)
+    drv += "                    cb[c] = base[jc]\n" if based else ""
+    drv += "                    c += 1\n    return c\n"
+    return blk.replace(_SUPPORT_IMPORT, _TZ_IMPORT + _SUPPORT_IMPORT) + drv
 
 
 def _entry(n: int, patterned: bool, ops: Sequence[str], consensus: str | None, merge_func: str,
