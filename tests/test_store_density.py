@@ -82,7 +82,7 @@ def _fused(c: Combine, method: str, taus, densities, rescale, base, *, gamma=0.0
     m = base.numel()
     arrays = [_array(t) for t in taus]
     keeps = [ranks.stage_keep(method, d, gamma, a, rankscan.histogram(a)) for a, d in zip(arrays, densities)]
-    ops = [("div", d) if rescale == "inverse" and d < 1 else ("none",) for d in densities]
+    ops = [("div", d) if rescale == "inverse" and 0 < d < 1 else ("none",) for d in densities]  # as _trim_ops
     out = np.empty(m, dtype=np.float32)
     step = step or m
     for s in range(0, m, step):

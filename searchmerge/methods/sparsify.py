@@ -56,12 +56,15 @@ def _draws(numel: int, rng: torch.Generator | None, device: torch.device) -> tor
 
 
 def rescale_masked(delta: torch.Tensor, mask: torch.Tensor, rescale: str, density: float) -> torch.Tensor:
-    """Apply ``mask`` and rescale: ``l1`` matches the L1 norm (MergeKit), ``inverse`` divides by density (DARE)."""
+    """Apply ``mask`` and rescale: ``l1`` matches the L1 norm (MergeKit), ``inverse`` divides by density (DARE).
+
+    At density 0 nothing is kept and nothing is rescaled (``inverse`` would divide zeros by zero: NaN), as ``l1``
+    leaves an empty mask alone."""
     masked = delta * mask
     if rescale == "none":
         return masked
     if rescale == "inverse":
-        return masked / density
+        return masked / density if density > 0 else masked
     before = delta.abs().sum()
     after = masked.abs().sum()
     if before < 1e-7 or after < 1e-7:

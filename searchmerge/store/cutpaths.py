@@ -134,7 +134,7 @@ class CutPaths:
             cut = ranks.random_cut(mask_key(rng), d)
             cuts.append(cut)
             if stage.rescale == "inverse":
-                ops.append(("div", d))
+                ops.append(("div", d) if d > 0 else ("none",))  # density 0 keeps nothing: no rescale (core)
             elif stage.rescale == "l1":
                 ops.append(self._l1_op(k, sel[m], tau, cut))
             else:
@@ -191,4 +191,4 @@ def _gamma(stage: Stage, m: int) -> float:
 def _trim_ops(stage: Stage, n_models: int) -> list[tuple]:
     """The magnitude trims' rescale per model: ``÷ density`` for ``rescale: inverse`` below density 1."""
     return [("div", stage.density[m]) if stage.thresholds is None and stage.rescale == "inverse"
-            and stage.density[m] < 1 else ("none",) for m in range(n_models)]
+            and 0 < stage.density[m] < 1 else ("none",) for m in range(n_models)]

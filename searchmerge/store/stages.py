@@ -277,7 +277,7 @@ def _first_op(stage: Stage, i: int, tau: Tensor, mask1: Tensor | None) -> tuple:
     if stage.sparsification is None or stage.density[i] >= 1 or stage.rescale == "none":
         return ("none",)
     if stage.rescale == "inverse":
-        return ("div", stage.density[i])
+        return ("div", stage.density[i]) if stage.density[i] > 0 else ("none",)  # density 0: nothing to rescale
     masked = tau * mask1 if mask1 is not None else tau
     before = tau.abs().sum()
     after = masked.abs().sum()
