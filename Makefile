@@ -40,7 +40,7 @@ run: $(STAMP) zoo-deps
 leaderboard: $(STAMP) zoo-deps
 	$(RAY_ENV) $(BIN)/searchmerge bench text --no-fusion --out runs/leaderboard-text
 
-# The same plus the data-driven rows (Fisher, RegMean/++, AdaMerging, ensembles): about 1.5 hours on 2 cores.
+# The same plus the data-driven rows (Fisher, RegMean/++, AdaMerging/++, ensembles): about 2.5 hours on 2 cores.
 leaderboard-fusion: $(STAMP) zoo-deps
 	$(RAY_ENV) $(BIN)/searchmerge bench text --out runs/leaderboard-text-fusion
 
