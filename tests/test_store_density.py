@@ -198,6 +198,8 @@ DARE_CASES = [
     ("dare_ties", {"rescale": "none", "merge_func": "mean"}, [0.7, 0.4, 1.1, 0.2, 0.9]),
     ("dare_linear", {"rescale": "l1"}, [0.7, 0.4, 1.1, 0.2, 0.9]),
     ("dare_linear", {"rescale": "inverse", "normalize": True}, None),
+    ("della", {"epsilon": 0.01}, None),  # the mask path (per-row ranks): exact, not fused
+    ("della_linear", {"epsilon": 0.01, "rescale": "inverse"}, [0.7, 0.4, 1.1, 0.2, 0.9]),
 ]
 #: scalars, per-model values and depth gradients (MergeKit's lists: a new value per layer, every trial)
 DENSITY_RUN = [0.1, 0.37, 0.1, [0.8, 0.2, 0.5, 0.05, 0.9], 0.37, [[0.15, 0.6, 0.3]] * 5, 0.37, 0.05,
@@ -224,7 +226,7 @@ def test_new_density_every_trial_matches_core(ray_session, num_actors, threads):
                 if params.get("trim_scope") == "model" and isinstance(d, list) and any(isinstance(x, list) for x in d):
                     continue  # a whole-model trim takes one density per model (gradients refused by the recipe)
                 r = _recipe(method, d, weights, **params).with_parameters(**{"lambda": 0.3 + 0.1 * i})
-                if method.startswith("dare") and i % 2:
+                if method.startswith(("dare", "della")) and i % 2:
                     r = recipe_from_dict({**r.to_dict(), "seed": 100 + i})  # a new seed too
                 assert_same(s.merge(r), core_merge(r, base=base, models=models), exact=True)
         st = s.stats()
