@@ -198,7 +198,10 @@ DARE_CASES = [
     ("dare_ties", {"rescale": "none", "merge_func": "mean"}, [0.7, 0.4, 1.1, 0.2, 0.9]),
     ("dare_linear", {"rescale": "l1"}, [0.7, 0.4, 1.1, 0.2, 0.9]),
     ("dare_linear", {"rescale": "inverse", "normalize": True}, None),
-    ("della", {"epsilon": 0.01}, None),  # the mask path (per-row ranks): exact, not fused
+]
+#: DELLA: the mask path (per-row ranks), exact but not fused
+DELLA_CASES = [
+    ("della", {"epsilon": 0.01}, None),
     ("della_linear", {"epsilon": 0.01, "rescale": "inverse"}, [0.7, 0.4, 1.1, 0.2, 0.9]),
 ]
 #: scalars, per-model values and depth gradients (MergeKit's lists: a new value per layer, every trial)
@@ -221,7 +224,7 @@ def test_new_density_every_trial_matches_core(ray_session, num_actors, threads):
     base, models = _tied_zoo()
     with build_store(base, models, names=MODELS, num_actors=num_actors, threads_per_actor=threads,
                      cache_fraction=1.0) as s:
-        for method, params, weights in STORE_CASES + DARE_CASES:
+        for method, params, weights in STORE_CASES + DARE_CASES + DELLA_CASES:
             for i, d in enumerate(DENSITY_RUN):
                 if params.get("trim_scope") == "model" and isinstance(d, list) and any(isinstance(x, list) for x in d):
                     continue  # a whole-model trim takes one density per model (gradients refused by the recipe)
