@@ -199,7 +199,7 @@ DARE_CASES = [
     ("dare_linear", {"rescale": "l1"}, [0.7, 0.4, 1.1, 0.2, 0.9]),
     ("dare_linear", {"rescale": "inverse", "normalize": True}, None),
 ]
-#: DELLA: the mask path (per-row ranks), exact but not fused
+#: DELLA: draws against rank-dependent probabilities inside the fused pass (ranks cached per tensor and model)
 DELLA_CASES = [
     ("della", {"epsilon": 0.01}, None),
     ("della_linear", {"epsilon": 0.01, "rescale": "inverse"}, [0.7, 0.4, 1.1, 0.2, 0.9]),
@@ -273,6 +273,43 @@ def test_ranked_path_equals_mask_path_in_a_worker(monkeypatch, residency):
         masked = worker.merge(r, range(5), None, None)
         for k in names:
             assert np.array_equal(got[k][1], masked[k][1]), (method, d, k)
+
+
+@pytest.mark.timeout(300)
+def test_della_fused_matches_core_in_a_worker():
+    """DELLA / DELLA-linear with a new density, epsilon, rescale, weights and seed every trial: the fused pass
+    (cached within-row ranks, draws against the rank-dependent probability, L1 factors) gives the core's bits,
+    builds no mask, and sorts each tensor of each model once (rows of 1 entry, 1-D rows, density 1 models)."""
+    from searchmerge.merge import merge as core_merge
+    from searchmerge.recipe import recipe_from_dict
+    from searchmerge.store.stages import to_numpy
+    from searchmerge.store.worker import ShardWorker
+
+    base, models = _tied_zoo()
+    base["col.w"] = torch.randn(9, 1)  # rows of one entry: the core's rank 0/0 keeps nothing
+    for i, m in enumerate(models):
+        m["col.w"] = base["col.w"] + 0.1 * torch.randn(9, 1, generator=torch.Generator().manual_seed(i))
+    names = [k for k, v in base.items() if v.is_floating_point()]
+    as_src = lambda sd: {k: to_numpy(v) for k, v in sd.items()}  # noqa: E731
+    worker = ShardWorker(as_src(base), [as_src(m) for m in models], names, n_layers=2, cache_bytes=1 << 30,
+                         threads=2)
+    cases = [("della", {"epsilon": 0.01}, None),
+             ("della", {"epsilon": 0.04, "rescale": "none", "merge_func": "sum"}, [0.7, 0.4, 1.1, 0.2, 0.9]),
+             ("della_linear", {"epsilon": 0.03, "rescale": "inverse"}, [0.7, 0.4, 1.1, 0.2, 0.9]),
+             ("della_linear", {"epsilon": 0.02, "rescale": "l1", "normalize": True}, None)]
+    trials = 0
+    for method, params, weights in cases:
+        for i, d in enumerate((0.1, 0.37, [0.8, 0.2, 0.5, 1.0, 0.9], [[0.15, 0.6, 0.3]] * 5)):
+            r = _recipe(method, d, weights, **params)
+            r = recipe_from_dict({**r.to_dict(), "seed": 11 + i})
+            got = worker.merge(r, range(5), None, None)
+            ref = core_merge(r, base=base, models=models)
+            for k in names:
+                assert np.array_equal(got[k][1].view(np.uint32), ref[k].numpy().view(np.uint32)), (method, d, k)
+            trials += 1
+    assert {key[0] for key in worker.cache.items} == {"keeps"}  # cut rules only: no masks were built
+    ranked = [key for key in worker.order_stats if key[0] == "della_ranks"]
+    assert len(ranked) == len(names) * 5 and trials == 16
 
 
 def test_lru_keeps_costly_entries():

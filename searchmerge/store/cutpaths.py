@@ -11,7 +11,10 @@ Mixed into :class:`~searchmerge.store.paths.MergePaths` (which provides ``_combi
   with one actor from the shard's own flagged passes (:mod:`~searchmerge.store.modeltrim`);
 * DARE (``dare_ties`` with ``trim_density: 1``, ``dare_linear``): the counter-based draws of
   ``sparsify.random_mask`` computed entry by entry inside the fused pass — a new density or seed costs one pass
-  (plus, for ``rescale: l1``, one pass per model writing the masked |τ| that torch sums as the core does).
+  (plus, for ``rescale: l1``, one pass per model writing the masked |τ| that torch sums as the core does);
+* DELLA (``della``, ``della_linear``): the same draws against ``sparsify.della_mask``'s rank-dependent keep
+  probability, from each τ's within-row magnitude ranks — computed once per tensor and model (the only sort,
+  on the first DELLA trial) and kept beside the order statistics (2 bytes an entry; 4 for rows over 65,536).
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from searchmerge.merge import tensor_rng
-from searchmerge.methods.sparsify import mask_key
+from searchmerge.methods.sparsify import mask_key, row_ranks
 from searchmerge.store import kernels, ranks, rankscan
 from searchmerge.store.stages import Combine, Stage, deliver, output_buffer, scale_add_into
 from searchmerge.store.threadpool import MIN_PER_THREAD, map_threads
@@ -51,7 +55,7 @@ class CutPaths:
             return False
         if len({t.dtype for t in taus}) != 1 or taus[0].dtype not in (F32, torch.bfloat16):
             return False
-        if stage.sparsification == "random":
+        if stage.sparsification in ("random", "della_magprune"):
             return stage.thresholds is None
         if stage.thresholds is not None:
             ok = stage.sparsification is None
@@ -68,7 +72,7 @@ class CutPaths:
         if hit is not None:
             return hit[0], hit[1], True
         n = taus[0].numel()
-        if stage.sparsification == "random":
+        if stage.sparsification in ("random", "della_magprune"):
             cuts, ops = self._random_cuts(k, stage, sel, taus)
         else:
             if stage.thresholds is not None:
@@ -121,17 +125,22 @@ class CutPaths:
 
     def _random_cuts(self, k: str, stage: Stage, sel: Sequence[int],
                      taus: Sequence[torch.Tensor]) -> tuple[list[ranks.Cut], list[tuple]]:
-        """DARE's masks as the merge core draws them: the tensor's generator gives one key per mask, in model order,
-        skipping models at density 1 (``sparsify`` returns those unchanged); rescales as ``rescale_masked``."""
+        """DARE's and DELLA's masks as the merge core draws them: the tensor's generator gives one key per mask, in
+        model order, skipping models at density 1 (``sparsify`` returns those unchanged); rescales as
+        ``rescale_masked``."""
         rng = tensor_rng(stage.seed, k)
         cuts, ops = [], []
+        cols = della_cols(taus[0].shape)
         for m, tau in enumerate(taus):
             d = stage.density[m]
             if d >= 1:
                 cuts.append(ranks.Cut(ranks.ALL))
                 ops.append(("none",))
                 continue
-            cut = ranks.random_cut(mask_key(rng), d)
+            if stage.sparsification == "della_magprune":
+                cut = ranks.della_cut(mask_key(rng), d, _epsilon(stage, m), cols)
+            else:
+                cut = ranks.random_cut(mask_key(rng), d)
             cuts.append(cut)
             if stage.rescale == "inverse":
                 ops.append(("div", d) if d > 0 else ("none",))  # density 0 keeps nothing: no rescale (core)
@@ -140,6 +149,26 @@ class CutPaths:
             else:
                 ops.append(("none",))
         return cuts, ops
+
+    def _della_ranks(self, k: str, i: int) -> np.ndarray:
+        """Each entry's 0-based rank by |τ| in its row (``sparsify.della_mask``'s rows; stable, as the core sorts),
+        computed on first use — the one sort a DELLA search pays per tensor and model — then kept."""
+        key = ("della_ranks", k, i)
+        r = self.order_stats.get(key)
+        if r is None:
+            tau = self.taus[k][i]
+            rows = tau.to(F32).reshape(-1, della_cols(tau.shape)).abs()
+            dtype = np.uint16 if rows.shape[1] <= 1 << 16 else np.int32  # ranks < cols
+            r = self.order_stats[key] = row_ranks(rows).reshape(-1).numpy().astype(dtype)
+        return r
+
+    def _ranks_for(self, k: str, sel: Sequence[int], cuts: Sequence[ranks.Cut]) -> list[np.ndarray] | None:
+        """The ranks a DELLA stage's fused pass reads (a model keeping everything reads another's: unused)."""
+        della = [m for m, c in enumerate(cuts) if c.kind == "della"]
+        if not della:
+            return None
+        have = {m: self._della_ranks(k, sel[m]) for m in della}
+        return [have.get(m, have[della[0]]) for m in range(len(cuts))]
 
     def _l1_op(self, k: str, i: int, tau: torch.Tensor, cut: ranks.Cut) -> tuple:
         """``rescale_masked``'s L1 factor: ``Σ|τ| / Σ|τ·mask|``, both summed by torch (its order and threads): the
@@ -151,7 +180,11 @@ class CutPaths:
         if scratch is None or scratch.numel() < tau.numel():  # one buffer, reused: no page faults per trial
             scratch = self._l1_scratch = torch.empty(max(t.numel() for t in self.base.values()), dtype=F32)
         masked = scratch[: tau.numel()]
-        kernels.random_masked_abs(kernels.as_kernel_array(tau.reshape(-1)), cut.rand, masked.numpy())
+        x = kernels.as_kernel_array(tau.reshape(-1))
+        if cut.kind == "della":
+            kernels.della_masked_abs(x, self._della_ranks(k, i), cut, della_cols(tau.shape), masked.numpy())
+        else:
+            kernels.random_masked_abs(x, cut.rand, masked.numpy())
         after = masked.sum()
         if before < 1e-7 or after < 1e-7:
             return ("none",)
@@ -174,13 +207,31 @@ class CutPaths:
             nbytes = base.numel() * 4
             if unscaled is None and seen and self.cache.room(nbytes, CHEAP):  # a stage's 2nd trial: keep its delta
                 unscaled = torch.empty(base.shape, dtype=F32, device=base.device)
-                self._combine_into(replace(comb, lambda_=1.0), taus, ops, None, unscaled, cuts=cuts)
+                self._combine_into(replace(comb, lambda_=1.0), taus, ops, None, unscaled, cuts=cuts,
+                                   della=self._della_inputs(k, sel, cuts, base))
                 self.cache.put(key, unscaled, nbytes, CHEAP)
             if unscaled is not None:
                 scale_add_into(base, unscaled, comb.lambda_, target)
                 return deliver(target, dst)
-        self._combine_into(comb, taus, ops, base, target, cuts=cuts)
+        self._combine_into(comb, taus, ops, base, target, cuts=cuts, della=self._della_inputs(k, sel, cuts, base))
         return deliver(target, dst)
+
+    def _della_inputs(self, k: str, sel: Sequence[int], cuts: Sequence[ranks.Cut],
+                      base: torch.Tensor) -> tuple[list[np.ndarray], int] | None:
+        r = self._ranks_for(k, sel, cuts)
+        return None if r is None else (r, della_cols(base.shape))
+
+
+def della_cols(shape: Sequence[int]) -> int:
+    """The row length ``sparsify.della_mask`` ranks within: the whole tensor below 2-D, else ``numel / shape[0]``."""
+    if len(shape) < 2:
+        return max(1, int(np.prod(shape)))
+    return max(1, int(np.prod(shape[1:])))
+
+
+def _epsilon(stage: Stage, m: int) -> float:
+    """Model ``m``'s DELLA epsilon (the merge core's default 0.15 where the stage has none)."""
+    return 0.15 if stage.epsilon is None else stage.epsilon[m]
 
 
 def _gamma(stage: Stage, m: int) -> float:

@@ -38,6 +38,8 @@ from searchmerge.store.kernels_support import absbits, counter24, load
 ZERO = np.float32(0.0)
 ONE = np.float32(1.0)
 MONE = np.float32(-1.0)
+TWO = np.float32(2.0)
+S24 = np.float32(2.0 ** -24)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=False, boundscheck=False)
@@ -67,6 +69,8 @@ def _keep_expr(i: int, kind: str) -> str:
     pattern with a cut's thresholds; ``lower`` / ``band`` are the exact rules (also comparing the entry's index)."""
     if kind == "random":
         return f"counter24(rk1{i}, rk2{i}, jj) < rt{i}"
+    if kind == "della":  # sparsify.della_mask: draw/2**24 < (d − ε) + ((rank / (cols − 1))·2)·ε, in float32
+        return f"np.float32(counter24(rk1{i}, rk2{i}, jj)) * S24 < dc{i} + ((np.float32(r{i}[j]) / dcm) * TWO) * de{i}"
     if kind in ("ge", "flag_ge"):
         return f"m{i} >= lo{i}"
     if kind in ("range", "flag"):
@@ -103,8 +107,13 @@ def combine_source(n: int, patterned: bool, ops: Sequence[str], consensus: str |
     idx = range(n)
     rand = ["rk1", "rk2", "rt", "j0"]
     flagged = keeps is not None and bool({"flag", "flag_ge"} & set(keeps))
+    della = keeps is not None and "della" in keeps
+    if della and (gather or flagged or patterned):
+        raise ValueError("DELLA keeps take the plain fused pass only.")
     cut_args = ([] if keeps is None else ["fix", "lc", "lq", "lr", "uc", "up", *rand] if gather
                 else ["lo", "hi", "flo", "fhi", *rand, "cidx", "cv", "cb"] if flagged else ["lo", "hi", *rand])
+    if della:  # each DELLA model's within-row magnitude ranks, its (d − ε) and ε, and the row length − 1
+        cut_args += [f"r{i}" for i in idx if keeps[i] == "della"] + ["dc", "de", "dcm"]
     args = ([f"x{i}" for i in idx] + (["pattern"] if patterned else []) + cut_args
             + ["opv", "w", "mean_div", "lam"] + (["base"] if based else []) + ["out"])
     masking = "masked" if patterned else f"cuts {list(keeps)}" if keeps is not None else "dense"
@@ -116,7 +125,8 @@ def combine_source(n: int, patterned: bool, ops: Sequence[str], consensus: str |
     src += "".join(f"    w{i} = w[{i}]\n    o{i} = opv[{i}]\n" for i in idx)
     if keeps is not None:
         for i in idx:
-            names = (("rk1", "rk2", "rt") if keeps[i] == "random" else ("lc", "lq", "lr", "uc", "up") if gather
+            names = (("rk1", "rk2", "rt") if keeps[i] == "random" else ("rk1", "rk2", "dc", "de") if keeps[i] == "della"
+                     else ("lc", "lq", "lr", "uc", "up") if gather
                      else ("lo", "flo") if keeps[i] == "flag_ge" else ("lo", "hi", "flo", "fhi") if keeps[i] == "flag"
                      else ("lo", "hi") if keeps[i] != "all" else ())
             src += "".join(f"    {p}{i} = {p}[{i}]\n" for p in names)
@@ -126,7 +136,7 @@ def combine_source(n: int, patterned: bool, ops: Sequence[str], consensus: str |
         src += "    for ix in range(len(fix)):\n        j = fix[ix]\n        jj = j + j0\n"
     else:
         src += "    for j in range(len(out)):\n"
-        if keeps is not None and "random" in keeps:
+        if keeps is not None and {"random", "della"} & set(keeps):
             src += "        jj = j + j0\n"
     entry = _entry(n, patterned, ops, consensus, merge_func, keeps, based, ilp, "ix" if listed else "j")
     return src + "".join(f"        {line}\n" for line in entry)
@@ -173,7 +183,7 @@ def _entry(n: int, patterned: bool, ops: Sequence[str], consensus: str | None, m
     for i in idx:
         bit = f" * np.float32((q >> {i}) & 1)" if patterned else ""
         if keeps is not None and keeps[i] != "all":
-            if keeps[i] != "random":
+            if keeps[i] not in ("random", "della"):
                 lines.append(f"m{i} = absbits(x{i}, {at})")
             lines.append(f"k{i} = {_keep_expr(i, keeps[i])}")
             if keeps[i] == "flag":  # the wide range holds the kept one: xor = undecided
@@ -261,4 +271,9 @@ def weighted_sum_kernel(n: int, ilp: bool):  # noqa: ANN202
 
 MASKED_ABS_SOURCE = _HEADER.format(what="|x·random mask|", args="x, k1, k2, t, out") + """    for j in range(len(out)):
         out[j] = abs(load(x, j) * np.float32(counter24(k1, k2, j) < t))
+"""
+
+DELLA_MASKED_ABS_SOURCE = _HEADER.format(what="|x·DELLA mask|", args="x, r, k1, k2, dc, de, dcm, out") + """    for j in range(len(out)):
+        keep = np.float32(counter24(k1, k2, j)) * S24 < dc + ((np.float32(r[j]) / dcm) * TWO) * de
+        out[j] = abs(load(x, j) * np.float32(keep))
 """

@@ -19,13 +19,14 @@ import numpy as np
 import torch
 
 from searchmerge.store.kernel_source import (
+    DELLA_MASKED_ABS_SOURCE,
     MASKED_ABS_SOURCE,
     MAX_MODELS,
     combine_kernel,
     compiled,
     weighted_sum_kernel,
 )
-from searchmerge.store.ranks import NONE_BITS, Cut, Pending
+from searchmerge.store.ranks import DELLA_ALL, NONE_BITS, Cut, Pending
 from searchmerge.store.sumorder import plain_count
 from searchmerge.store.threadpool import run_pieces
 
@@ -169,6 +170,8 @@ def fused_combine_into(
     offset: int = 0,
     numel: int | None = None,
     threads: int = 1,
+    della_ranks: Sequence[np.ndarray] | None = None,
+    della_cols: int = 0,
 ) -> None:
     """``out = base + λ·combine(op_i(vals_i·keep_i))`` in one pass (``stages.combine`` + base, bit for bit).
 
@@ -177,16 +180,24 @@ def fused_combine_into(
     ``out`` gets the merged delta ``combine(…)·λ`` alone. Which entries model ``i`` keeps comes from ``pattern``
     (from :func:`keep_pattern`, same length), or from ``cuts[i]`` (a :class:`~searchmerge.store.ranks.Cut` on the
     whole tensor: one pass with its thresholds, then the entries it lists recomputed with its exact rule), or
-    from neither (all kept). ``ops[i]`` is ``("none",)``, ``("div", d)`` or ``("mul", c)``.
+    from neither (all kept). ``ops[i]`` is ``("none",)``, ``("div", d)`` or ``("mul", c)``. DELLA cuts also take
+    each model's within-row magnitude ranks (``della_ranks[i]``, the same entries as ``vals[i]``; any array of
+    the right length for a model that keeps everything) and the tensor's row length ``della_cols``.
     """
     numel = offset + len(out) if numel is None else numel
     setup = _combine_setup(vals, pattern, ops, weights, consensus, merge_func, lambda_, base, out, offset, numel)
     if cuts is not None and (pattern is not None or len(cuts) != len(vals)):
         raise ValueError(f"fused_combine_into: {len(cuts)} cuts for {len(vals)} models (and no pattern).")
     cuts = None if cuts is None else _uniform_cuts(cuts, numel)
-    kinds = None if cuts is None else tuple("random" if c.kind == "random" else "range" for c in cuts)
+    kinds = None if cuts is None else tuple(c.kind if c.kind in ("random", "della") else "range" for c in cuts)
     thresholds = () if cuts is None else (np.array([c.lo for c in cuts], dtype=np.uint32),
                                           np.array([c.hi for c in cuts], dtype=np.uint32), *_rand_arrays(cuts))
+    della = kinds is not None and "della" in kinds
+    if della and (della_ranks is None or len(della_ranks) != len(vals) or any(len(r) != len(out) for r in della_ranks)):
+        raise ValueError("fused_combine_into: DELLA cuts need each model's ranks over the same entries.")
+    della_scalars = () if not della else (
+        np.array([c.della[0] for c in cuts], dtype=np.float32), np.array([c.della[1] for c in cuts], dtype=np.float32),
+        np.float32(max(1, della_cols - 1)))
 
     def piece(ilp: bool, s: int, e: int) -> None:
         combine_kernel(*setup.config, kinds, setup.based, ilp)(
@@ -194,6 +205,7 @@ def fused_combine_into(
             *(() if pattern is None else (pattern[s:e],)),
             *thresholds,
             *(() if cuts is None else (np.int64(offset + s),)),
+            *([r[s:e] for r in della_ranks] + list(della_scalars) if della else ()),
             *setup.scalars,
             *(() if base is None else (base[s:e],)),
             out[s:e],
@@ -338,10 +350,11 @@ def _uniform_cuts(cuts: Sequence[Cut], numel: int) -> list[Cut]:
     """Every model's cut in one kind (keep-all as a range or a random mask that keeps every draw, ``x·1`` being
     exact; rules as bands), so a stage compiles one kernel whatever its per-model densities."""
     random = any(c.kind == "random" for c in cuts)
+    della = any(c.kind == "della" for c in cuts)
     out = []
     for c in cuts:
         if c.kind == "all":
-            c = (Cut(("random", 0, 0, -1, NONE_BITS, -1), rand=(0, 0, 1 << 24)) if random
+            c = (DELLA_ALL if della else Cut(("random", 0, 0, -1, NONE_BITS, -1), rand=(0, 0, 1 << 24)) if random
                  else Cut(("band", 0, 0, numel, NONE_BITS, -1), 0, NONE_BITS))
         elif c.rule[0] == "lower":
             c = Cut(("band", *c.rule[1:4], NONE_BITS, -1), c.lo, c.hi, c.fix, c.rand)
@@ -364,3 +377,10 @@ def _rule_arrays(keeps: Sequence[tuple]) -> tuple[np.ndarray, ...]:
 def random_masked_abs(x: np.ndarray, rand: tuple[int, int, int], out: np.ndarray) -> None:
     """``out = |x·mask|`` for a whole tensor's random mask ``rand`` (k1, k2, threshold), as float32."""
     compiled(MASKED_ABS_SOURCE)(x, np.uint32(rand[0]), np.uint32(rand[1]), np.uint32(rand[2]), out)
+
+
+def della_masked_abs(x: np.ndarray, ranks: np.ndarray, cut: Cut, cols: int, out: np.ndarray) -> None:
+    """``out = |x·mask|`` for a whole tensor's DELLA mask ``cut`` (rows of ``cols``; ``ranks``: within-row ranks)."""
+    compiled(DELLA_MASKED_ABS_SOURCE)(x, ranks, np.uint32(cut.rand[0]), np.uint32(cut.rand[1]),
+                                      np.float32(cut.della[0]), np.float32(cut.della[1]), np.float32(max(1, cols - 1)),
+                                      out)

@@ -200,13 +200,17 @@ class MergePaths(CutPaths):
 
     def _combine_into(self, comb: Combine, sources: Sequence[torch.Tensor], ops: Sequence[tuple],
                       base: torch.Tensor | None, target: torch.Tensor, *, pattern: np.ndarray | None = None,
-                      cuts: Sequence[ranks.Cut] | None = None) -> None:
-        """``target = base + combine(stage(τ))`` (``base=None``: the merged delta) in one fused CPU pass."""
+                      cuts: Sequence[ranks.Cut] | None = None,
+                      della: tuple[Sequence[np.ndarray], int] | None = None) -> None:
+        """``target = base + combine(stage(τ))`` (``base=None``: the merged delta) in one fused CPU pass (``della``:
+        DELLA cuts' ranks per model and row length)."""
         def run(vals: list, b: Any, out: np.ndarray, s: int, n: int) -> None:
             kernels.fused_combine_into(
                 vals, None if pattern is None else pattern[s:s + len(out)], ops, comb.weight,
                 consensus=comb.consensus, merge_func=comb.merge_func, lambda_=comb.lambda_, base=b, out=out,
                 cuts=cuts, offset=s, numel=n, threads=self.threads,
+                della_ranks=None if della is None else [r[s:s + len(out)] for r in della[0]],
+                della_cols=0 if della is None else della[1],
             )
 
         self._kernel_into(run, sources, base, target)

@@ -47,11 +47,12 @@ class Cut:
     hi: int = NONE_BITS
     fix: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     rand: tuple[int, int, int] = (0, 0, 0)  # a random mask's (k1, k2, threshold): rule ``("random", …)``
+    della: tuple[float, float] = (0.0, 0.0)  # a DELLA mask's float32 (d − ε, ε): rule ``("della", …)``
 
     @property
     def kind(self) -> str:
         """``all`` (no mask), ``ge`` (``a >= lo``), ``range``, or ``random`` (a draw below a threshold)."""
-        if self.rule[0] in ("all", "random"):
+        if self.rule[0] in ("all", "random", "della"):
             return self.rule[0]
         return "ge" if self.hi == NONE_BITS else "range"
 
@@ -191,6 +192,20 @@ def random_cut(key: tuple[int, int], density: float) -> Cut:
     from searchmerge.methods.sparsify import keep_threshold
 
     return Cut(("random", 0, 0, -1, NONE_BITS, -1), rand=(int(key[0]), int(key[1]), keep_threshold(density)))
+
+
+def della_cut(key: tuple[int, int], density: float, epsilon: float, cols: int) -> Cut:
+    """DELLA's keep rule (``sparsify.della_mask``): entry ``j`` of a row of ``cols`` kept where its counter-based draw
+    ``u/2**24 < (d − ε) + ((rank_j / (cols − 1))·2)·ε`` — the scalars rounded to float32 as torch rounds them; the
+    ranks come from the store's cache. One-entry rows keep nothing (the core's 0/0 rank is NaN)."""
+    if cols <= 1:
+        return Cut(("della", 0, 0, -1, NONE_BITS, -1), rand=(int(key[0]), int(key[1]), 0), della=(-1.0, 0.0))
+    return Cut(("della", 0, 0, -1, NONE_BITS, -1), rand=(int(key[0]), int(key[1]), 0),
+               della=(float(np.float32(density - epsilon)), float(np.float32(epsilon))))
+
+
+#: a model at density 1 in a DELLA stage keeps every entry: probability 2 > every draw (its rank term is ·0)
+DELLA_ALL = Cut(("della", 0, 0, -1, NONE_BITS, -1), della=(2.0, 0.0))
 
 
 def keep_mask(x: np.ndarray, cut: Cut, start: int = 0, exact: bool = True) -> np.ndarray:
