@@ -24,8 +24,9 @@ task arithmetic reads θ₀ and the N task vectors and writes the model; a cache
 θ₀ and the cached merged delta and writes the model (three streams); a new TIES / breadcrumbs density takes one
 flagged fused pass (the cuts' histogram bins from order statistics; the bins' entries, ≈0.2–1%, listed as the pass
 goes and recomputed): task arithmetic's bytes; DARE draws its masks inside the fused pass (task arithmetic's bytes), plus for ``rescale: l1``
-one read of each τ and a write and read of its masked |τ| (torch sums it, as the core does); DELLA (masks from
-per-row ranks, not fused; ``--della``) is given task arithmetic's bytes. The ratio column ``(c)/TA`` compares each row with the
+one read of each τ and a write and read of its masked |τ| (torch sums it, as the core does); DELLA draws its masks
+the same way against probabilities from each τ's within-row magnitude ranks (sorted once, on the first trial; 2
+bytes an entry): task arithmetic's bytes plus the ranks (and for ``rescale: l1`` DARE's extra streams plus the ranks). The ratio column ``(c)/TA`` compares each row with the
 task-arithmetic row of the same thread count, same run.
 """
 
@@ -86,7 +87,7 @@ def _models(fts: list[Path], weights: list[float] | None = None, density: list[f
     return out
 
 
-def rows(base: Path, fts: list[Path], threads: list[int], slow_trials: int, della: bool) -> list[Row]:
+def rows(base: Path, fts: list[Path], threads: list[int]) -> list[Row]:
     n = len(fts)
 
     def r(method: str, i: int, weights=None, density=None, seed: int = 0, **params) -> dict:
@@ -107,6 +108,8 @@ def rows(base: Path, fts: list[Path], threads: list[int], slow_trials: int, dell
     flagged = ta  # one flagged fused pass (its listing of the cuts' bins, ≈0.2–1% of the entries, not counted)
     cached = lambda p, k, b: 12 * p  # noqa: E731 - read θ₀ and the cached merged delta, write the model
     l1 = lambda p, k, b: (8 + 2 * k * b + 8 * k) * p  # noqa: E731 - + per model: read τ, write and sum |τ·mask|
+    ranked = lambda p, k, b: (8 + k * (b + 2)) * p  # noqa: E731 - DELLA: task arithmetic's + each τ's ranks (uint16)
+    ranked_l1 = lambda p, k, b: (8 + 2 * k * (b + 2) + 8 * k) * p  # noqa: E731 - + per model: read τ, ranks; |τ·mask|
     out = []
     for t in threads:
         out += [
@@ -137,9 +140,17 @@ def rows(base: Path, fts: list[Path], threads: list[int], slow_trials: int, dell
         Row("dare_ties (tensor), rescale l1", "density", "dare_ties",
             lambda i: r("dare_ties", i, density=[DENSITIES[i] + 0.3] * n, rescale="l1"), l1, mergekit=True),
     ]
-    if della:  # still the mask path (per-row rank sampling): a cold trial, ~1 min at 100M
-        out.append(Row("della", "density", "della",
-                       lambda i: r("della", i, density=[DENSITIES[i] + 0.3] * n, epsilon=0.1), ta, trials=slow_trials))
+    out += [
+        Row("della, rescale inverse", "density", "della",
+            lambda i: r("della", i, density=[DENSITIES[i] + 0.3] * n, epsilon=0.1, rescale="inverse"), ranked),
+        Row("della, rescale inverse", "seed (density .5)", "della",
+            lambda i: r("della", i, density=[0.5] * n, epsilon=0.1, rescale="inverse", seed=i), ranked),
+        Row("della_linear, rescale inverse", "density gradient (3 knots)", "della",
+            lambda i: r("della_linear", i, density=gradient(i, 0.3), epsilon=0.05, rescale="inverse"), ranked),
+        Row("della, rescale l1", "density", "della",
+            lambda i: r("della", i, density=[DENSITIES[i] + 0.3] * n, epsilon=0.1, rescale="l1"), ranked_l1,
+            mergekit=True),
+    ]
     return out
 
 
@@ -227,7 +238,6 @@ def main() -> None:
     ap.add_argument("--rows", default=None,
                     help="only the rows whose 'method, new every trial' contains one of these comma-separated words "
                          "(the task-arithmetic λ rows always run: every ratio is against them)")
-    ap.add_argument("--della", action="store_true", help="add the DELLA row (mask path, ~1 min per trial at 100M)")
     args = ap.parse_args()
     trials = args.trials or (3 if args.small else 9)
     btrials = args.baseline_trials or (1 if args.small else 2)
@@ -258,7 +268,7 @@ def main() -> None:
             print(f"store ({t} thread(s)): built in {time.perf_counter() - t0:.1f} s", flush=True)
         s0 = stores[threads[0]][0]
         P, N = s0.n_params, s0.n_models
-        for row in select_rows(rows(base, fts, threads, max(2, trials // 3), args.della), args.rows):
+        for row in select_rows(rows(base, fts, threads), args.rows):
             if row.family not in baselines and not args.no_baselines:
                 data = row.recipe
 
