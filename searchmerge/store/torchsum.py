@@ -11,10 +11,11 @@ The order, for a contiguous float32 tensor of ``n`` entries (verified bit for bi
 * threads: with ``T = torch.get_num_threads()``, one chunk if ``n <= GRAIN`` or ``T == 1``; otherwise
   ``nt = min(T, ceil(n / GRAIN))`` chunks of ``ceil(n / nt)`` entries, chunk ``t``'s sum (``0 + s``) in slot ``t``
   of a ``T``-slot buffer of zeros, and the result is the chunk sum of that buffer (``0 + s`` again);
-* a chunk of ``m >= W`` entries (``W`` float32 lanes: 16 with AVX512 dispatch, 8 with AVX2): its ``m // W``
-  vectors in groups of 4 (``4·W`` independent float32 accumulators, entry ``i·4W + L`` into lane ``L``) with
-  ``multi_row_sum``'s 4-level cascade; the leftover 0–3 vectors into lanes ``0..W-1``; lanes ``W..4W-1`` folded
-  into them vector by vector; then from ``0``: the leftover ``m % W`` entries, then lanes ``0..W-1``, in order;
+* a chunk of ``m >= W`` entries (``W = 8`` float32 lanes, AVX2's ``Vectorized<float>``; with AVX512 dispatch too,
+  see :data:`WIDTHS`): its ``m // W`` vectors in groups of 4 (``4·W`` independent float32 accumulators, entry
+  ``i·4W + L`` into lane ``L``) with ``multi_row_sum``'s 4-level cascade; the leftover 0–3 vectors into lanes
+  ``0..W-1``; lanes ``W..4W-1`` folded into them vector by vector; then from ``0``: the leftover ``m % W``
+  entries, then lanes ``0..W-1``, in order;
 * a chunk of ``m < W`` entries: the same cascade with 4 scalar accumulators over ``m // 4`` groups, the 0–3
   leftovers into the first, the other three folded into it.
 
@@ -38,8 +39,9 @@ from searchmerge.store.threadpool import map_threads
 
 #: at::internal::GRAIN_SIZE: below it (or at it) ``parallel_reduce`` runs one chunk
 GRAIN = 32768
-#: float32 lanes of ATen's ``Vectorized<float>`` per CPU capability
-WIDTHS = {"AVX512": 16, "AVX2": 8}
+#: float32 lanes of the sum kernel's ``Vectorized<float>`` per CPU capability: 8 on AVX512 too, since ``sum_stub``
+#: is registered with ``REGISTER_DISPATCH``, which leaves the AVX512 slot empty (the AVX2 kernel runs)
+WIDTHS = {"AVX512": 8, "AVX2": 8}
 
 
 @dataclass(frozen=True)
@@ -61,10 +63,19 @@ KINDS: dict[str, ValueKind] = {
 }
 
 
+#: names the generated kernels use themselves (their other locals start with ``_``)
+_RESERVED = frozenset({"x", "j", "jj", "j0", "v", "np", "numba", "load", "absbits", "counter24", "ZERO", "value",
+                       "rows", "kernel"})
+
+
 def register_kind(name: str, value_lines: Sequence[str], extra_args: Sequence[str] = (),
                   arrays: Sequence[str] = ()) -> None:
     """Add a value kind (e.g. a rank-based keep rule); re-registering a name with other lines is an error."""
     kind = ValueKind(tuple(value_lines), tuple(extra_args), tuple(arrays))
+    bad = [a for a in kind.args if not a.isidentifier() or a.startswith("_") or a in _RESERVED]
+    if bad:
+        raise ValueError(f"torchsum kind {name!r}: extra_args {bad} clash with the kernel's own names — use "
+                         f"identifiers other than {sorted(_RESERVED)} that do not start with '_'")
     if not set(kind.arrays) <= set(kind.args):
         raise ValueError(f"torchsum kind {name!r}: arrays {list(kind.arrays)} must be among its extra_args "
                          f"{list(kind.args)} — name each per-entry array there too")
@@ -84,84 +95,102 @@ ZERO = np.float32(0.0)
 
 _INLINE = '@numba.njit(cache=True, nogil=True, fastmath=False, boundscheck=False, inline="always")\n'
 
-# multi_row_sum over `ng` groups of G consecutive values (G accumulators), as ATen's 4-level cascade
+# multi_row_sum over `ng` groups of `G` consecutive values (G accumulators), as ATen's 4-level cascade. G is a
+# run-time value on purpose: a literal lane loop is unrolled, and LLVM's SLP pass then leaves it scalar (the
+# accumulator stores might alias x); a run-time trip count goes to the loop vectoriser, which checks at run time.
+# The per-entry arrays are read through views from a block's start, so indices from 0 up need no wraparound
+# check, which would also keep the loop scalar (~8x slower).
 _ROWS = '''
-@numba.njit(cache=True, nogil=True, fastmath=False, boundscheck=False, inline="always")
-def rows{G}(x, {args}j0, ng):
-    t = ng - 1
-    cl = 0
-    while t > 0:
-        t >>= 1
-        cl += 1
-    power = max(4, (1 if ng <= 2 else cl) // 4)
-    step = 1 << power
-    mask = step - 1
-    acc = np.zeros((4, {G}), dtype=np.float32)
-    a0 = acc[0]
-    i = 0
-    while i + step <= ng:
-        for g in range(i * {G}, (i + step) * {G}, {G}):
-            for q in range({G}):
-                a0[q] += value(x, {args}g + q, j0)
-        i += step
-        for lv in range(1, 4):
-            for q in range({G}):
-                acc[lv, q] += acc[lv - 1, q]
-                acc[lv - 1, q] = ZERO
-            if i & (mask << (lv * power)):
+@numba.njit(cache=True, nogil=True, fastmath=False, boundscheck=False)
+def rows(x, {args}j0, _ng, _G):
+    _t = _ng - 1
+    _cl = 0
+    while _t > 0:
+        _t >>= 1
+        _cl += 1
+    _power = max(4, (1 if _ng <= 2 else _cl) // 4)
+    _step = 1 << _power
+    _mask = _step - 1
+    _acc = np.zeros((4, _G), dtype=np.float32)
+    _a0 = _acc[0]
+    _i = 0
+    while _i + _step <= _ng:
+        _s0 = _i * _G
+        _e0 = _s0 + _step * _G
+        _xb = x[_s0:_e0]
+{slices}        for _g in range(_step):
+            _b = _g * _G
+            for _q in range(_G):
+                _a0[_q] += value(_xb, {bargs}_b + _q, j0 + _s0)
+        _i += _step
+        for _lv in range(1, 4):
+            _lo = _acc[_lv - 1]
+            _hi = _acc[_lv]
+            for _q in range(_G):
+                _hi[_q] += _lo[_q]
+                _lo[_q] = ZERO
+            if _i & (_mask << (_lv * _power)):
                 break
-    for g in range(i * {G}, ng * {G}, {G}):
-        for q in range({G}):
-            a0[q] += value(x, {args}g + q, j0)
-    for lv in range(1, 4):
-        for q in range({G}):
-            a0[q] += acc[lv, q]
-    return a0
+    _s0 = _i * _G
+    _e0 = _ng * _G
+    _xb = x[_s0:_e0]
+{slices_tail}    for _g in range(_ng - _i):
+        _b = _g * _G
+        for _q in range(_G):
+            _a0[_q] += value(_xb, {bargs}_b + _q, j0 + _s0)
+    for _lv in range(1, 4):
+        _hi = _acc[_lv]
+        for _q in range(_G):
+            _a0[_q] += _hi[_q]
+    return _a0
 '''
 
 _KERNEL = '''
 @numba.njit(cache=True, nogil=True, fastmath=False, boundscheck=False)
-def kernel(x, {args}j0):
-    n = len(x)
-    if n < {W}:  # scalar row_sum: 4 interleaved partials
-        p = rows4(x, {args}j0, n // 4)
-        for j in range(n // 4 * 4, n):
-            p[0] += value(x, {args}j, j0)
-        for k in range(1, 4):
-            p[0] += p[k]
-        return ZERO + p[0]
-    nv = n // {W}
-    p = rows{G}(x, {args}j0, nv // 4)
-    for r in range(nv // 4 * 4, nv):  # leftover vectors into partial 0
-        for q in range({W}):
-            p[q] += value(x, {args}r * {W} + q, j0)
-    for k in range(1, 4):
-        for q in range({W}):
-            p[q] += p[k * {W} + q]
-    f = ZERO
-    for j in range(nv * {W}, n):
-        f += value(x, {args}j, j0)
-    for q in range({W}):
-        f += p[q]
-    return ZERO + f
+def kernel(x, {args}j0, _W):
+    _n = len(x)
+    if _n < _W:  # scalar row_sum: 4 interleaved partials
+        _p = rows(x, {args}j0, _n // 4, 4)
+        for _j in range(_n // 4 * 4, _n):
+            _p[0] += value(x, {args}_j, j0)
+        for _k in range(1, 4):
+            _p[0] += _p[_k]
+        return ZERO + _p[0]
+    _nv = _n // _W
+    _p = rows(x, {args}j0, _nv // 4, 4 * _W)
+    for _r in range(_nv // 4 * 4, _nv):  # leftover vectors into partial 0
+        for _q in range(_W):
+            _p[_q] += value(x, {args}_r * _W + _q, j0)
+    for _k in range(1, 4):
+        for _q in range(_W):
+            _p[_q] += _p[_k * _W + _q]
+    _f = ZERO
+    for _j in range(_nv * _W, _n):
+        _f += value(x, {args}_j, j0)
+    for _q in range(_W):
+        _f += _p[_q]
+    return ZERO + _f
 '''
 
 
-def chunk_source(kind: ValueKind, width: int) -> str:
-    """The generated module: ``kernel(x, *args, j0) -> float32``, one chunk's sum ``0 + chunk_sum`` in ATen's
-    order for ``width`` lanes (a literal, so the lane loops unroll and vectorise)."""
+def chunk_source(kind: ValueKind) -> str:
+    """The generated module: ``kernel(x, *args, j0, W) -> float32``, one chunk's sum ``0 + chunk_sum`` in ATen's
+    order for ``W`` lanes."""
     args = "".join(f"{a}, " for a in kind.args)
-    src = _HEADER.format(what=f"torch-order sum of {list(kind.lines)}, W={width}")
+    src = _HEADER.format(what=f"torch-order sum of {list(kind.lines)}")
     src += f"\n\n{_INLINE}def value(x, {args}j, j0):\n    jj = j + j0\n"
     src += "".join(f"    {line}\n" for line in kind.lines) + "    return v\n"
-    src += "\n" + _ROWS.format(G=4, args=args) + "\n" + _ROWS.format(G=4 * width, args=args)
-    return src + "\n" + _KERNEL.format(W=width, G=4 * width, args=args)
+    bargs = "".join(f"_{a}_b, " if a in kind.arrays else f"{a}, " for a in kind.args)
+    views = [f"_{a}_b = {a}[_s0:_e0]\n" for a in kind.arrays]
+    rows = _ROWS.format(args=args, bargs=bargs, slices="".join(" " * 8 + v for v in views),
+                        slices_tail="".join(" " * 4 + v for v in views))
+    return src + "\n" + rows + "\n" + _KERNEL.format(args=args)
 
 
 @lru_cache(maxsize=64)
-def chunk_kernel(name: str, width: int) -> Any:
+def chunk_kernel(name: str) -> Any:
     """The compiled chunk kernel of a registered kind (compiled once per source, cached on disk)."""
-    return compiled_module(chunk_source(KINDS[name], width)).kernel
+    return compiled_module(chunk_source(KINDS[name])).kernel
 
 
 def torch_width() -> int | None:
@@ -197,20 +226,20 @@ def torch_order_sum(kind: str, x: np.ndarray, *extra: Any, threads: int | None =
         raise ValueError(f"torchsum: torch's CPU capability {torch.backends.cpu.get_cpu_capability()!r} has no "
                          "known sum order — check order_known() and use torch's sum")
     t = torch.get_num_threads() if threads is None else int(threads)
-    fn = chunk_kernel(kind, w)
+    fn = chunk_kernel(kind)
     cut = [spec.args.index(a) for a in spec.arrays]
 
     def one(se: tuple[int, int]) -> np.float32:
         s, e = se
         args = [a[s:e] if i in cut else a for i, a in enumerate(extra)]
-        return fn(x[s:e], *args, s)
+        return fn(x[s:e], *args, s, w)
 
     parts = chunks(len(x), t)
     if len(parts) == 1:
         return np.float32(one(parts[0]))
     slots = np.zeros(t, dtype=np.float32)
     slots[: len(parts)] = map_threads(one, parts, workers or len(parts))
-    return np.float32(chunk_kernel("plain", w)(slots, 0))
+    return np.float32(chunk_kernel("plain")(slots, 0, w))
 
 
 def _self_check_arrays(width: int) -> list[np.ndarray]:
