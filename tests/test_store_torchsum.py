@@ -120,14 +120,39 @@ def test_registered_kind_with_a_per_entry_array() -> None:
             r = rng.integers(0, 1000, n).astype(np.uint16)
             want = (torch.from_numpy(v) * torch.from_numpy(r.astype(np.int32) < 400)).abs().sum()
             assert _bits(ts.torch_order_sum("test_keep_lt", v, r, np.uint16(400))) == _bits(want)
+    n = 3 * 16**3 * G + 77  # superblocks on workers, the array cut with x
+    v, r = _values(n, 5), rng.integers(0, 1000, n).astype(np.uint16)
+    with _Threads(1):
+        want = (torch.from_numpy(v) * torch.from_numpy(r.astype(np.int32) < 400)).abs().sum()
+    assert _bits(ts.torch_order_sum("test_keep_lt", v, r, np.uint16(400), threads=1, workers=2)) == _bits(want)
 
 
 def test_level_power_above_four() -> None:
-    """A chunk of > 2**19 groups of 4W: the cascade's level step grows to 2**5 (embedding-sized tensors)."""
+    """A chunk of > 2**19 groups of 4W: the cascade's level step grows to 2**5 (embedding-sized tensors), on
+    the calling thread and in superblocks on 3 workers."""
     n = (1 << 19) * G + 5 * G + 3
     v = np.tile(np.random.default_rng(11).uniform(0.5, 1.5, (1 << 20) + 1).astype(np.float32), 17)[:n]
     with _Threads(1):
-        assert _bits(ts.torch_order_sum("abs", v)) == _bits(torch.from_numpy(v).abs().sum())
+        want = _bits(torch.from_numpy(v).abs().sum())
+        assert _bits(ts.torch_order_sum("abs", v)) == want
+        assert _bits(ts.torch_order_sum("abs", v, workers=3)) == want
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_one_chunk_in_superblocks_on_workers(workers: int) -> None:
+    """One torch thread: the chunk's superblocks (16**3 groups of 4W) summed on the pool, added up in order."""
+    sb = 16**3 * G
+    key = (0x9E3779B9, 0x7F4A7C15)
+    t = keep_threshold(0.4)
+    with _Threads(1):
+        for i, n in enumerate([2 * sb, 2 * sb + 1, 3 * sb + 16 * G + 5, 5 * sb + 4095 * G + 3 * W + 7]):
+            v = _values(n, 2 * i + 1)
+            assert _bits(ts.torch_order_sum("plain", v, workers=workers)) == _bits(torch.from_numpy(v).sum()), n
+            mask = (counter_draws(key, 0, n) < t).to(torch.float32)
+            want = (torch.from_numpy(v) * mask).abs().sum()
+            got = ts.torch_order_sum("random_abs", v, np.uint32(key[0]), np.uint32(key[1]), np.uint32(t),
+                                     workers=workers)
+            assert _bits(got) == _bits(want), n
 
 
 def test_order_known_self_check_passes() -> None:
