@@ -19,6 +19,11 @@ The order, for a contiguous float32 tensor of ``n`` entries (verified bit for bi
 * a chunk of ``m < W`` entries: the same cascade with 4 scalar accumulators over ``m // 4`` groups, the 0–3
   leftovers into the first, the other three folded into it.
 
+Past its third level the cascade adds whole superblocks (``level_step**3`` groups, each summed from zeroed lower
+levels) into the top level in order, so one chunk can be summed on several threads too (``workers``): the
+superblocks in parallel, then their sums in order and the rest — the same bits (the store runs torch with one
+thread, so its single chunk would otherwise take one core).
+
 An entry's value is a hook (:class:`ValueKind`: source lines that set a float32 ``v`` from entry ``j`` of the
 chunk, ``jj = j + j0`` its index in the whole tensor), so masks and ranks are applied as the entry is read.
 :func:`order_known` says whether this process's torch sums in that order (its CPU dispatch is AVX2 or AVX512
