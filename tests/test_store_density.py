@@ -276,7 +276,7 @@ def test_ranked_path_equals_mask_path_in_a_worker(monkeypatch, residency):
 
 
 @pytest.mark.timeout(300)
-def test_della_fused_matches_core_in_a_worker():
+def test_della_fused_matches_core_in_a_worker(monkeypatch):
     """DELLA / DELLA-linear with a new density, epsilon, rescale, weights and seed every trial: the fused pass
     (cached within-row ranks, draws against the rank-dependent probability, L1 factors) gives the core's bits,
     builds no mask, and sorts each tensor of each model once (rows of 1 entry, 1-D rows, density 1 models)."""
@@ -310,6 +310,17 @@ def test_della_fused_matches_core_in_a_worker():
     assert {key[0] for key in worker.cache.items} == {"keeps"}  # cut rules only: no masks were built
     ranked = [key for key in worker.order_stats if key[0] == "della_ranks"]
     assert len(ranked) == len(names) * 5 and trials == 16
+    # where torch's sum order is not known, the L1 factors sum a written masked |τ| with torch: the same bits
+    from searchmerge.store import torchsum
+
+    monkeypatch.setattr(torchsum, "order_known", lambda: False)
+    worker.clear_cache()
+    for method, params, weights in (cases[0], cases[3]):
+        r = _recipe(method, [0.3, 0.6, 0.2, 0.5, 0.4], weights, **params)
+        got = worker.merge(r, range(5), None, None)
+        ref = core_merge(r, base=base, models=models)
+        for k in names:
+            assert np.array_equal(got[k][1].view(np.uint32), ref[k].numpy().view(np.uint32)), (method, k)
 
 
 def test_lru_keeps_costly_entries():

@@ -11,7 +11,7 @@ Mixed into :class:`~searchmerge.store.paths.MergePaths` (which provides ``_combi
   with one actor from the shard's own flagged passes (:mod:`~searchmerge.store.modeltrim`);
 * DARE (``dare_ties`` with ``trim_density: 1``, ``dare_linear``): the counter-based draws of
   ``sparsify.random_mask`` computed entry by entry inside the fused pass — a new density or seed costs one pass
-  (plus, for ``rescale: l1``, one pass per model writing the masked |τ| that torch sums as the core does);
+  (plus, for ``rescale: l1``, one read pass per model summing the masked |τ| in torch's order, as the core sums);
 * DELLA (``della``, ``della_linear``): the same draws against ``sparsify.della_mask``'s rank-dependent keep
   probability, from each τ's within-row magnitude ranks — computed once per tensor and model (the only sort,
   on the first DELLA trial) and kept beside the order statistics (2 bytes an entry; 4 for rows over 65,536).
@@ -27,7 +27,7 @@ import torch
 
 from searchmerge.merge import tensor_rng
 from searchmerge.methods.sparsify import mask_key, row_ranks
-from searchmerge.store import kernels, ranks, rankscan
+from searchmerge.store import kernels, ranks, rankscan, torchsum
 from searchmerge.store.stages import Combine, Stage, deliver, output_buffer, scale_add_into
 from searchmerge.store.threadpool import MIN_PER_THREAD, map_threads
 
@@ -171,24 +171,40 @@ class CutPaths:
         return [have.get(m, have[della[0]]) for m in range(len(cuts))]
 
     def _l1_op(self, k: str, i: int, tau: torch.Tensor, cut: ranks.Cut) -> tuple:
-        """``rescale_masked``'s L1 factor: ``Σ|τ| / Σ|τ·mask|``, both summed by torch (its order and threads): the
-        first once per tensor, the second over the masked |τ| one kernel pass writes."""
+        """``rescale_masked``'s L1 factor: ``Σ|τ| / Σ|τ·mask|``, both in torch's summation order (and threads): the
+        first summed by torch once per tensor, the second in one read pass that masks as it sums in that order
+        (:mod:`~searchmerge.store.torchsum`) — or, where that order is not known, over the masked |τ| a kernel
+        pass writes, summed by torch."""
         before = self.l1_norms.get((k, i))
         if before is None:
             before = self.l1_norms[(k, i)] = tau.to(F32).abs().sum()
+        after = self._masked_l1(k, i, tau, cut)
+        if before < 1e-7 or after < 1e-7:
+            return ("none",)
+        return ("mul", before / after)
+
+    def _masked_l1(self, k: str, i: int, tau: torch.Tensor, cut: ranks.Cut) -> torch.Tensor:
+        """``Σ|τ·mask|`` as torch sums it (a float32 0-dim tensor, as in ``rescale_masked``)."""
+        x = kernels.as_kernel_array(tau.reshape(-1))
+        if torchsum.order_known():
+            if cut.kind == "della":
+                cols = della_cols(tau.shape)
+                extra = (self._della_ranks(k, i), np.uint32(cut.rand[0]), np.uint32(cut.rand[1]),
+                         np.float32(cut.della[0]), np.float32(cut.della[1]), np.float32(max(1, cols - 1)))
+                total = torchsum.torch_order_sum("della_abs", x, *extra, workers=self.threads)
+            else:
+                total = torchsum.torch_order_sum("random_abs", x, *(np.uint32(v) for v in cut.rand),
+                                                 workers=self.threads)
+            return torch.tensor(total, dtype=F32)
         scratch = getattr(self, "_l1_scratch", None)
         if scratch is None or scratch.numel() < tau.numel():  # one buffer, reused: no page faults per trial
             scratch = self._l1_scratch = torch.empty(max(t.numel() for t in self.base.values()), dtype=F32)
         masked = scratch[: tau.numel()]
-        x = kernels.as_kernel_array(tau.reshape(-1))
         if cut.kind == "della":
             kernels.della_masked_abs(x, self._della_ranks(k, i), cut, della_cols(tau.shape), masked.numpy())
         else:
             kernels.random_masked_abs(x, cut.rand, masked.numpy())
-        after = masked.sum()
-        if before < 1e-7 or after < 1e-7:
-            return ("none",)
-        return ("mul", before / after)
+        return masked.sum()
 
     def _merge_cut(self, k: str, stage: Stage, comb: Combine, taus: list[torch.Tensor], sel: Sequence[int],
                    base: torch.Tensor, dst: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
@@ -220,6 +236,14 @@ class CutPaths:
                       base: torch.Tensor) -> tuple[list[np.ndarray], int] | None:
         r = self._ranks_for(k, sel, cuts)
         return None if r is None else (r, della_cols(base.shape))
+
+
+#: DELLA's masked |τ| for the L1 factor, summed in torch's order as it is read (``DELLA_MASKED_ABS_SOURCE``'s value)
+torchsum.register_kind("della_abs", (
+    "keep = np.float32(counter24(k1, k2, jj)) * np.float32(2.0 ** -24) < dc + ((np.float32(r[j]) / dcm) "
+    "* np.float32(2.0)) * de",
+    "v = abs(load(x, j) * np.float32(keep))",
+), ("r", "k1", "k2", "dc", "de", "dcm"), arrays=("r",))
 
 
 def della_cols(shape: Sequence[int]) -> int:
