@@ -24,9 +24,10 @@ task arithmetic reads θ₀ and the N task vectors and writes the model; a cache
 θ₀ and the cached merged delta and writes the model (three streams); a new TIES / breadcrumbs density takes one
 flagged fused pass (the cuts' histogram bins from order statistics; the bins' entries, ≈0.2–1%, listed as the pass
 goes and recomputed): task arithmetic's bytes; DARE draws its masks inside the fused pass (task arithmetic's bytes), plus for ``rescale: l1``
-one read of each τ and a write and read of its masked |τ| (torch sums it, as the core does); DELLA draws its masks
-the same way against probabilities from each τ's within-row magnitude ranks (sorted once, on the first trial; 2
-bytes an entry): task arithmetic's bytes plus the ranks (and for ``rescale: l1`` DARE's extra streams plus the ranks). The ratio column ``(c)/TA`` compares each row with the
+one more read of each τ (its masked |τ| summed in torch's order as it is read, ``store/torchsum.py``); DELLA draws
+its masks the same way against probabilities from each τ's within-row magnitude ranks (sorted once, on the first
+trial; 2 bytes an entry): task arithmetic's bytes plus the ranks (and for ``rescale: l1`` a second read of τ and
+ranks). The ratio column ``(c)/TA`` compares each row with the
 task-arithmetic row of the same thread count, same run.
 """
 
@@ -107,15 +108,22 @@ def rows(base: Path, fts: list[Path], threads: list[int]) -> list[Row]:
     ta = lambda p, k, b: (8 + k * b) * p  # noqa: E731 - read θ₀, read N τ, write the model
     flagged = ta  # one flagged fused pass (its listing of the cuts' bins, ≈0.2–1% of the entries, not counted)
     cached = lambda p, k, b: 12 * p  # noqa: E731 - read θ₀ and the cached merged delta, write the model
-    l1 = lambda p, k, b: (8 + 2 * k * b + 8 * k) * p  # noqa: E731 - + per model: read τ, write and sum |τ·mask|
+    l1 = lambda p, k, b: (8 + 2 * k * b) * p  # noqa: E731 - + per model: a read of τ summing |τ·mask| in torch's order
     ranked = lambda p, k, b: (8 + k * (b + 2)) * p  # noqa: E731 - DELLA: task arithmetic's + each τ's ranks (uint16)
-    ranked_l1 = lambda p, k, b: (8 + 2 * k * (b + 2) + 8 * k) * p  # noqa: E731 - + per model: read τ, ranks; |τ·mask|
+    ranked_l1 = lambda p, k, b: (8 + 2 * k * (b + 2)) * p  # noqa: E731 - + per model: a read of τ and its ranks
     out = []
     for t in threads:
         out += [
             Row("task_arithmetic", "λ", "ta", lambda i: r("task_arithmetic", i), ta, t, mergekit=True),
             Row("ties (tensor)", "density", "ties_tensor",
                 lambda i: r("ties", i, density=[DENSITIES[i]] * n, merge_func="sum"), flagged, t, mergekit=True),
+            Row("dare_ties (tensor), rescale inverse", "density", "dare_ties",
+                lambda i: r("dare_ties", i, density=[DENSITIES[i] + 0.3] * n, rescale="inverse"), ta, t),
+            Row("della, rescale inverse", "density", "della",
+                lambda i: r("della", i, density=[DENSITIES[i] + 0.3] * n, epsilon=0.1, rescale="inverse"), ranked, t),
+            Row("della, rescale l1", "density", "della",
+                lambda i: r("della", i, density=[DENSITIES[i] + 0.3] * n, epsilon=0.1, rescale="l1"), ranked_l1, t,
+                mergekit=True),
         ]
     out += [
         Row("ties (tensor)", "λ (density .2)", "ties_tensor", lambda i: r("ties", i, density=[0.2] * n, merge_func="sum"),
@@ -131,8 +139,6 @@ def rows(base: Path, fts: list[Path], threads: list[int]) -> list[Row]:
         Row("breadcrumbs_ties", "density", "breadcrumbs",
             lambda i: r("breadcrumbs_ties", i, density=[DENSITIES[i] + 0.3] * n, gamma=0.01), flagged,
             mergekit=True),
-        Row("dare_ties (tensor), rescale inverse", "density", "dare_ties",
-            lambda i: r("dare_ties", i, density=[DENSITIES[i] + 0.3] * n, rescale="inverse"), ta),
         Row("dare_ties (tensor), rescale inverse", "seed (density .5)", "dare_ties",
             lambda i: r("dare_ties", i, density=[0.5] * n, rescale="inverse", seed=i), ta),
         Row("dare_ties (tensor), rescale inverse", "density gradient (3 knots)", "dare_ties",
@@ -141,15 +147,10 @@ def rows(base: Path, fts: list[Path], threads: list[int]) -> list[Row]:
             lambda i: r("dare_ties", i, density=[DENSITIES[i] + 0.3] * n, rescale="l1"), l1, mergekit=True),
     ]
     out += [
-        Row("della, rescale inverse", "density", "della",
-            lambda i: r("della", i, density=[DENSITIES[i] + 0.3] * n, epsilon=0.1, rescale="inverse"), ranked),
         Row("della, rescale inverse", "seed (density .5)", "della",
             lambda i: r("della", i, density=[0.5] * n, epsilon=0.1, rescale="inverse", seed=i), ranked),
         Row("della_linear, rescale inverse", "density gradient (3 knots)", "della",
             lambda i: r("della_linear", i, density=gradient(i, 0.3), epsilon=0.05, rescale="inverse"), ranked),
-        Row("della, rescale l1", "density", "della",
-            lambda i: r("della", i, density=[DENSITIES[i] + 0.3] * n, epsilon=0.1, rescale="l1"), ranked_l1,
-            mergekit=True),
     ]
     return out
 

@@ -177,14 +177,14 @@ class CutPaths:
         pass writes, summed by torch."""
         before = self.l1_norms.get((k, i))
         if before is None:
-            before = self.l1_norms[(k, i)] = tau.to(F32).abs().sum()
+            before = self.l1_norms[(k, i)] = np.float32(tau.to(F32).abs().sum().item())
         after = self._masked_l1(k, i, tau, cut)
-        if before < 1e-7 or after < 1e-7:
+        if before < _L1_FLOOR or after < _L1_FLOOR:  # torch compares float32 with the bound rounded to float32
             return ("none",)
-        return ("mul", before / after)
+        return ("mul", before / after)  # float32 ÷ float32, one rounding: the 0-dim tensors' quotient
 
-    def _masked_l1(self, k: str, i: int, tau: torch.Tensor, cut: ranks.Cut) -> torch.Tensor:
-        """``Σ|τ·mask|`` as torch sums it (a float32 0-dim tensor, as in ``rescale_masked``)."""
+    def _masked_l1(self, k: str, i: int, tau: torch.Tensor, cut: ranks.Cut) -> np.float32:
+        """``Σ|τ·mask|`` as torch sums it (float32, as ``rescale_masked``'s 0-dim tensor holds it)."""
         x = kernels.as_kernel_array(tau.reshape(-1))
         if torchsum.order_known():
             if cut.kind == "della":
@@ -195,7 +195,7 @@ class CutPaths:
             else:
                 total = torchsum.torch_order_sum("random_abs", x, *(np.uint32(v) for v in cut.rand),
                                                  workers=self.threads)
-            return torch.tensor(total, dtype=F32)
+            return np.float32(total)
         scratch = getattr(self, "_l1_scratch", None)
         if scratch is None or scratch.numel() < tau.numel():  # one buffer, reused: no page faults per trial
             scratch = self._l1_scratch = torch.empty(max(t.numel() for t in self.base.values()), dtype=F32)
@@ -204,7 +204,7 @@ class CutPaths:
             kernels.della_masked_abs(x, self._della_ranks(k, i), cut, della_cols(tau.shape), masked.numpy())
         else:
             kernels.random_masked_abs(x, cut.rand, masked.numpy())
-        return masked.sum()
+        return np.float32(masked.sum().item())
 
     def _merge_cut(self, k: str, stage: Stage, comb: Combine, taus: list[torch.Tensor], sel: Sequence[int],
                    base: torch.Tensor, dst: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
@@ -237,6 +237,9 @@ class CutPaths:
         r = self._ranks_for(k, sel, cuts)
         return None if r is None else (r, della_cols(base.shape))
 
+
+#: ``rescale_masked``'s "nothing to rescale" bound, as torch compares it with a float32 sum (rounded to float32)
+_L1_FLOOR = np.float32(1e-7)
 
 #: DELLA's masked |τ| for the L1 factor, summed in torch's order as it is read (``DELLA_MASKED_ABS_SOURCE``'s value)
 torchsum.register_kind("della_abs", (

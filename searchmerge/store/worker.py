@@ -114,7 +114,7 @@ class ShardWorker(MergePaths, ModelTrimPaths):
         )
         self.cache = LRU(cache_bytes)
         self.order_stats: dict[tuple[str, int], Any] = {}  # (tensor, model) -> rankscan.Hist, built on first use
-        self.l1_norms: dict[tuple[str, int], torch.Tensor] = {}  # (tensor, model) -> Σ|τ| (DARE's L1 rescale)
+        self.l1_norms: dict[tuple[str, int], np.float32] = {}  # (tensor, model) -> Σ|τ| (DARE/DELLA L1 rescale)
         self.unit_cache_fits = 4 * sum(self.base[k].numel() for k in self.names) <= self.cache.capacity
         self.evaluator: torch.nn.Module | None = None
         self._ev_sd: dict[str, torch.Tensor] = {}
