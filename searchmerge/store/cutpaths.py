@@ -63,17 +63,18 @@ class CutPaths:
             ok = stage.sparsification in ("magnitude", "magnitude_outliers") and stage.rescale in ("none", "inverse")
         return ok and all(self._hist(k, i).finite for i in sel)
 
-    def _cuts(self, k: str, stage: Stage, sel: Sequence[int],
-              taus: Sequence[torch.Tensor]) -> tuple[list[ranks.Cut], list[tuple], bool]:
-        """Each selected model's keep rule and rescale for tensor ``k`` (cached, a few bytes each), and whether
-        they were cached."""
+    def _cuts(self, k: str, stage: Stage, sel: Sequence[int], taus: Sequence[torch.Tensor]
+              ) -> tuple[list[ranks.Cut], list[tuple], bool, list[np.ndarray | None] | None]:
+        """Each selected model's keep rule and rescale for tensor ``k`` (cached, a few bytes each), whether they
+        were cached, and — when the L1 factors' pass drew the masks just now — each model's keep bytes."""
         key = ("keeps", k, stage, tuple(sel))
         hit = self.cache.get(key)
         if hit is not None:
-            return hit[0], hit[1], True
+            return hit[0], hit[1], True, None
         n = taus[0].numel()
+        keep_bytes = None
         if stage.sparsification in ("random", "della_magprune"):
-            cuts, ops = self._random_cuts(k, stage, sel, taus)
+            cuts, ops, keep_bytes = self._random_cuts(k, stage, sel, taus)
         else:
             if stage.thresholds is not None:
                 cuts = [ranks.threshold_keep(t, n) for t in stage.thresholds]
@@ -85,7 +86,7 @@ class CutPaths:
                 cuts = map_threads(one, range(len(sel)), self._scan_threads(n))
             ops = _trim_ops(stage, len(sel))
         self._keep_cuts(key, cuts, ops)
-        return cuts, ops, False
+        return cuts, ops, False, keep_bytes
 
     def _keep_cuts(self, key: tuple, cuts: list[ranks.Cut], ops: list[tuple]) -> None:
         self.cache.put(key, (cuts, ops), sum(c.nbytes for c in cuts), CHEAP)
@@ -123,19 +124,25 @@ class CutPaths:
         )
         self._keep_cuts(("keeps", k, stage, tuple(sel)), cuts, ops)
 
-    def _random_cuts(self, k: str, stage: Stage, sel: Sequence[int],
-                     taus: Sequence[torch.Tensor]) -> tuple[list[ranks.Cut], list[tuple]]:
+    def _random_cuts(self, k: str, stage: Stage, sel: Sequence[int], taus: Sequence[torch.Tensor]
+                     ) -> tuple[list[ranks.Cut], list[tuple], list[np.ndarray | None] | None]:
         """DARE's and DELLA's masks as the merge core draws them: the tensor's generator gives one key per mask, in
         model order, skipping models at density 1 (``sparsify`` returns those unchanged); rescales as
-        ``rescale_masked``."""
+        ``rescale_masked``. With L1 factors summed in torch's order, their pass also writes each entry's keep bit
+        (a byte), which the combine then reads instead of drawing again (the draws are most of a pass's work)."""
         rng = tensor_rng(stage.seed, k)
         cuts, ops = [], []
         cols = della_cols(taus[0].shape)
+        n = taus[0].numel()
+        bytes_ok = stage.rescale == "l1" and torchsum.order_known() and any(d < 1 for d in stage.density)
+        keep_bytes: list[np.ndarray | None] | None = [] if bytes_ok else None
         for m, tau in enumerate(taus):
             d = stage.density[m]
             if d >= 1:
                 cuts.append(ranks.Cut(ranks.ALL))
                 ops.append(("none",))
+                if keep_bytes is not None:
+                    keep_bytes.append(None)
                 continue
             if stage.sparsification == "della_magprune":
                 cut = ranks.della_cut(mask_key(rng), d, _epsilon(stage, m), cols)
@@ -145,10 +152,21 @@ class CutPaths:
             if stage.rescale == "inverse":
                 ops.append(("div", d) if d > 0 else ("none",))  # density 0 keeps nothing: no rescale (core)
             elif stage.rescale == "l1":
-                ops.append(self._l1_op(k, sel[m], tau, cut))
+                kb = None if keep_bytes is None else self._keep_scratch(len(taus), n)[m]
+                ops.append(self._l1_op(k, sel[m], tau, cut, kb))
+                if keep_bytes is not None:
+                    keep_bytes.append(kb)
             else:
                 ops.append(("none",))
-        return cuts, ops
+        return cuts, ops, keep_bytes
+
+    def _keep_scratch(self, models: int, n: int) -> np.ndarray:
+        """A (models, n) byte buffer for the keep bits of one tensor's trial, reused (no page faults per trial)."""
+        buf = getattr(self, "_keep_buf", None)
+        if buf is None or buf.shape[0] < models or buf.shape[1] < n:
+            most = max(t.numel() for t in self.base.values())
+            buf = self._keep_buf = np.empty((max(models, 0 if buf is None else buf.shape[0]), most), dtype=np.uint8)
+        return buf[:models, :n]
 
     def _della_ranks(self, k: str, i: int) -> np.ndarray:
         """Each entry's 0-based rank by |τ| in its row (``sparsify.della_mask``'s rows; stable, as the core sorts),
@@ -170,32 +188,36 @@ class CutPaths:
         have = {m: self._della_ranks(k, sel[m]) for m in della}
         return [have.get(m, have[della[0]]) for m in range(len(cuts))]
 
-    def _l1_op(self, k: str, i: int, tau: torch.Tensor, cut: ranks.Cut) -> tuple:
+    def _l1_op(self, k: str, i: int, tau: torch.Tensor, cut: ranks.Cut, keep_bytes: np.ndarray | None = None) -> tuple:
         """``rescale_masked``'s L1 factor: ``Σ|τ| / Σ|τ·mask|``, both in torch's summation order (and threads): the
         first summed by torch once per tensor, the second in one read pass that masks as it sums in that order
         (:mod:`~searchmerge.store.torchsum`) — or, where that order is not known, over the masked |τ| a kernel
-        pass writes, summed by torch."""
+        pass writes, summed by torch. ``keep_bytes``: where the pass also writes each entry's keep bit (order
+        known only)."""
         before = self.l1_norms.get((k, i))
         if before is None:
             before = self.l1_norms[(k, i)] = np.float32(tau.to(F32).abs().sum().item())
-        after = self._masked_l1(k, i, tau, cut)
+        after = self._masked_l1(k, i, tau, cut, keep_bytes)
         if before < _L1_FLOOR or after < _L1_FLOOR:  # torch compares float32 with the bound rounded to float32
             return ("none",)
         return ("mul", before / after)  # float32 ÷ float32, one rounding: the 0-dim tensors' quotient
 
-    def _masked_l1(self, k: str, i: int, tau: torch.Tensor, cut: ranks.Cut) -> np.float32:
+    def _masked_l1(self, k: str, i: int, tau: torch.Tensor, cut: ranks.Cut,
+                   keep_bytes: np.ndarray | None = None) -> np.float32:
         """``Σ|τ·mask|`` as torch sums it (float32, as ``rescale_masked``'s 0-dim tensor holds it)."""
         x = kernels.as_kernel_array(tau.reshape(-1))
         if torchsum.order_known():
+            tail = () if keep_bytes is None else (keep_bytes,)
+            kind = ("della_abs" if cut.kind == "della" else "random_abs") + ("_keep" if tail else "")
             if cut.kind == "della":
                 cols = della_cols(tau.shape)
                 extra = (self._della_ranks(k, i), np.uint32(cut.rand[0]), np.uint32(cut.rand[1]),
                          np.float32(cut.della[0]), np.float32(cut.della[1]), np.float32(max(1, cols - 1)))
-                total = torchsum.torch_order_sum("della_abs", x, *extra, workers=self.threads)
             else:
-                total = torchsum.torch_order_sum("random_abs", x, *(np.uint32(v) for v in cut.rand),
-                                                 workers=self.threads)
-            return np.float32(total)
+                extra = tuple(np.uint32(v) for v in cut.rand)
+            return np.float32(torchsum.torch_order_sum(kind, x, *extra, *tail, workers=self.threads))
+        if keep_bytes is not None:
+            raise ValueError("keep bytes are written only where torch's sum order is known.")
         scratch = getattr(self, "_l1_scratch", None)
         if scratch is None or scratch.numel() < tau.numel():  # one buffer, reused: no page faults per trial
             scratch = self._l1_scratch = torch.empty(max(t.numel() for t in self.base.values()), dtype=F32)
@@ -216,7 +238,10 @@ class CutPaths:
             self.cache.misses += 1  # the rules were looked up, and are built now
             self._flagged_into(k, stage, comb, taus, sel, base, target)
             return deliver(target, dst)
-        cuts, ops, seen = self._cuts(k, stage, sel, taus)
+        cuts, ops, seen, keep_bytes = self._cuts(k, stage, sel, taus)
+        if keep_bytes is not None:  # the L1 sums' pass drew the masks: the combine reads their bits
+            self._combine_into(comb, taus, ops, base, target, keep_bytes=keep_bytes)
+            return deliver(target, dst)
         if all(w == 1.0 for w in comb.weight) and self.unit_cache_fits:
             key = ("combined", k, stage, comb.consensus, comb.merge_func, tuple(sel))
             unscaled = self.cache.get(key)
@@ -241,12 +266,17 @@ class CutPaths:
 #: ``rescale_masked``'s "nothing to rescale" bound, as torch compares it with a float32 sum (rounded to float32)
 _L1_FLOOR = np.float32(1e-7)
 
-#: DELLA's masked |τ| for the L1 factor, summed in torch's order as it is read (``DELLA_MASKED_ABS_SOURCE``'s value)
-torchsum.register_kind("della_abs", (
-    "keep = np.float32(counter24(k1, k2, jj)) * np.float32(2.0 ** -24) < dc + ((np.float32(r[j]) / dcm) "
-    "* np.float32(2.0)) * de",
-    "v = abs(load(x, j) * np.float32(keep))",
-), ("r", "k1", "k2", "dc", "de", "dcm"), arrays=("r",))
+#: DELLA's masked |τ| for the L1 factor, summed in torch's order as it is read (``DELLA_MASKED_ABS_SOURCE``'s value);
+#: the ``_keep`` kinds also write each entry's keep bit to ``kb`` for the combine that follows
+_DELLA_KEEP = ("keep = np.float32(counter24(k1, k2, jj)) * np.float32(2.0 ** -24) < dc + ((np.float32(r[j]) / dcm) "
+               "* np.float32(2.0)) * de")
+_MASKED = "v = abs(load(x, j) * np.float32(keep))"
+_WRITE = "kb[j] = np.uint8(keep)"
+torchsum.register_kind("della_abs", (_DELLA_KEEP, _MASKED), ("r", "k1", "k2", "dc", "de", "dcm"), arrays=("r",))
+torchsum.register_kind("della_abs_keep", (_DELLA_KEEP, _WRITE, _MASKED), ("r", "k1", "k2", "dc", "de", "dcm", "kb"),
+                       arrays=("r", "kb"))
+torchsum.register_kind("random_abs_keep", ("keep = counter24(k1, k2, jj) < t", _WRITE, _MASKED), ("k1", "k2", "t", "kb"),
+                       arrays=("kb",))
 
 
 def della_cols(shape: Sequence[int]) -> int:

@@ -69,6 +69,8 @@ def _keep_expr(i: int, kind: str) -> str:
     pattern with a cut's thresholds; ``lower`` / ``band`` are the exact rules (also comparing the entry's index)."""
     if kind == "random":
         return f"counter24(rk1{i}, rk2{i}, jj) < rt{i}"
+    if kind == "byte":  # the keep bit a pass before this one wrote (the L1 sums' pass: its draws, not redrawn)
+        return f"b{i}[j] != 0"
     if kind == "della":  # sparsify.della_mask: draw/2**24 < (d − ε) + ((rank / (cols − 1))·2)·ε, in float32
         return f"np.float32(counter24(rk1{i}, rk2{i}, jj)) * S24 < dc{i} + ((np.float32(r{i}[j]) / dcm) * TWO) * de{i}"
     if kind in ("ge", "flag_ge"):
@@ -114,6 +116,10 @@ def combine_source(n: int, patterned: bool, ops: Sequence[str], consensus: str |
                 else ["lo", "hi", "flo", "fhi", *rand, "cidx", "cv", "cb"] if flagged else ["lo", "hi", *rand])
     if della:  # each DELLA model's within-row magnitude ranks, its (d − ε) and ε, and the row length − 1
         cut_args += [f"r{i}" for i in idx if keeps[i] == "della"] + ["dc", "de", "dcm"]
+    if keeps is not None and "byte" in keeps:
+        if gather or flagged or patterned:
+            raise ValueError("keep bytes take the plain fused pass only.")
+        cut_args += [f"b{i}" for i in idx if keeps[i] == "byte"]
     args = ([f"x{i}" for i in idx] + (["pattern"] if patterned else []) + cut_args
             + ["opv", "w", "mean_div", "lam"] + (["base"] if based else []) + ["out"])
     masking = "masked" if patterned else f"cuts {list(keeps)}" if keeps is not None else "dense"
@@ -126,7 +132,7 @@ def combine_source(n: int, patterned: bool, ops: Sequence[str], consensus: str |
     if keeps is not None:
         for i in idx:
             names = (("rk1", "rk2", "rt") if keeps[i] == "random" else ("rk1", "rk2", "dc", "de") if keeps[i] == "della"
-                     else ("lc", "lq", "lr", "uc", "up") if gather
+                     else () if keeps[i] == "byte" else ("lc", "lq", "lr", "uc", "up") if gather
                      else ("lo", "flo") if keeps[i] == "flag_ge" else ("lo", "hi", "flo", "fhi") if keeps[i] == "flag"
                      else ("lo", "hi") if keeps[i] != "all" else ())
             src += "".join(f"    {p}{i} = {p}[{i}]\n" for p in names)
@@ -183,7 +189,7 @@ def _entry(n: int, patterned: bool, ops: Sequence[str], consensus: str | None, m
     for i in idx:
         bit = f" * np.float32((q >> {i}) & 1)" if patterned else ""
         if keeps is not None and keeps[i] != "all":
-            if keeps[i] not in ("random", "della"):
+            if keeps[i] not in ("random", "della", "byte"):
                 lines.append(f"m{i} = absbits(x{i}, {at})")
             lines.append(f"k{i} = {_keep_expr(i, keeps[i])}")
             if keeps[i] == "flag":  # the wide range holds the kept one: xor = undecided

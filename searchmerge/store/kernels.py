@@ -172,6 +172,7 @@ def fused_combine_into(
     threads: int = 1,
     della_ranks: Sequence[np.ndarray] | None = None,
     della_cols: int = 0,
+    keep_bytes: Sequence[np.ndarray | None] | None = None,
 ) -> None:
     """``out = base + λ·combine(op_i(vals_i·keep_i))`` in one pass (``stages.combine`` + base, bit for bit).
 
@@ -182,14 +183,23 @@ def fused_combine_into(
     whole tensor: one pass with its thresholds, then the entries it lists recomputed with its exact rule), or
     from neither (all kept). ``ops[i]`` is ``("none",)``, ``("div", d)`` or ``("mul", c)``. DELLA cuts also take
     each model's within-row magnitude ranks (``della_ranks[i]``, the same entries as ``vals[i]``; any array of
-    the right length for a model that keeps everything) and the tensor's row length ``della_cols``.
+    the right length for a model that keeps everything) and the tensor's row length ``della_cols``. ``keep_bytes``
+    (instead of ``cuts``): each model's keep bit per entry as a byte (``None``: all kept), as a pass before this
+    one drew them (the L1 sums' pass), over the same entries as ``vals``.
     """
     numel = offset + len(out) if numel is None else numel
     setup = _combine_setup(vals, pattern, ops, weights, consensus, merge_func, lambda_, base, out, offset, numel)
     if cuts is not None and (pattern is not None or len(cuts) != len(vals)):
         raise ValueError(f"fused_combine_into: {len(cuts)} cuts for {len(vals)} models (and no pattern).")
-    cuts = None if cuts is None else _uniform_cuts(cuts, numel)
+    if keep_bytes is not None:  # keep bits drawn before: the threshold arguments are placeholders
+        if cuts is not None or pattern is not None or len(keep_bytes) != len(vals) or any(
+                b is not None and len(b) != len(out) for b in keep_bytes):
+            raise ValueError("fused_combine_into: keep bytes per model over the same entries, and no cuts or pattern.")
+        cuts = [Cut(("all", 0, 0, 0, NONE_BITS, -1))] * len(vals)
+    cuts = None if cuts is None else cuts if keep_bytes is not None else _uniform_cuts(cuts, numel)
     kinds = None if cuts is None else tuple(c.kind if c.kind in ("random", "della") else "range" for c in cuts)
+    if keep_bytes is not None:
+        kinds = tuple("all" if b is None else "byte" for b in keep_bytes)
     thresholds = () if cuts is None else (np.array([c.lo for c in cuts], dtype=np.uint32),
                                           np.array([c.hi for c in cuts], dtype=np.uint32), *_rand_arrays(cuts))
     della = kinds is not None and "della" in kinds
@@ -206,6 +216,7 @@ def fused_combine_into(
             *thresholds,
             *(() if cuts is None else (np.int64(offset + s),)),
             *([r[s:e] for r in della_ranks] + list(della_scalars) if della else ()),
+            *(() if keep_bytes is None else [b[s:e] for b in keep_bytes if b is not None]),
             *setup.scalars,
             *(() if base is None else (base[s:e],)),
             out[s:e],

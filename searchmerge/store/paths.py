@@ -201,9 +201,10 @@ class MergePaths(CutPaths):
     def _combine_into(self, comb: Combine, sources: Sequence[torch.Tensor], ops: Sequence[tuple],
                       base: torch.Tensor | None, target: torch.Tensor, *, pattern: np.ndarray | None = None,
                       cuts: Sequence[ranks.Cut] | None = None,
-                      della: tuple[Sequence[np.ndarray], int] | None = None) -> None:
+                      della: tuple[Sequence[np.ndarray], int] | None = None,
+                      keep_bytes: Sequence[np.ndarray | None] | None = None) -> None:
         """``target = base + combine(stage(τ))`` (``base=None``: the merged delta) in one fused CPU pass (``della``:
-        DELLA cuts' ranks per model and row length)."""
+        DELLA cuts' ranks per model and row length; ``keep_bytes``: each model's keep bits, drawn before)."""
         def run(vals: list, b: Any, out: np.ndarray, s: int, n: int) -> None:
             kernels.fused_combine_into(
                 vals, None if pattern is None else pattern[s:s + len(out)], ops, comb.weight,
@@ -211,6 +212,8 @@ class MergePaths(CutPaths):
                 cuts=cuts, offset=s, numel=n, threads=self.threads,
                 della_ranks=None if della is None else [r[s:s + len(out)] for r in della[0]],
                 della_cols=0 if della is None else della[1],
+                keep_bytes=None if keep_bytes is None else [None if b is None else b[s:s + len(out)]
+                                                            for b in keep_bytes],
             )
 
         self._kernel_into(run, sources, base, target)
