@@ -232,3 +232,51 @@ def test_one_entry_tensors_of_many_models_are_refused():
     x = [np.ones(1, dtype=np.float32)] * 8
     with pytest.raises(ValueError, match="one-entry"):
         kernels.weighted_sum_into(x, [1.0] * 8, mean=False, lambda_=1.0, base=x[0], out=np.empty(1, np.float32))
+
+
+def test_deferred_pieces_finish_by_the_end_of_the_block_and_raise_there():
+    """``run_pieces(defer=True)`` inside ``deferred()`` returns at once; the block's end waits for every piece and
+    re-raises a piece's error; outside a block (or without ``defer``) the call is synchronous."""
+    import threading
+
+    from searchmerge.store import threadpool
+
+    n = 4 * threadpool.MIN_PER_THREAD
+    gate = threading.Event()
+    done: list[tuple[int, int]] = []
+
+    def slow(s: int, e: int) -> None:
+        gate.wait(5)
+        done.append((s, e))
+
+    with threadpool.deferred():
+        assert threadpool.run_pieces(n, 2, slow, defer=True) == []
+        assert done == []  # still running: the caller went on
+        gate.set()
+    assert sorted(done) == threadpool.split(n, 2)
+    done.clear()
+    threadpool.run_pieces(n, 2, slow, defer=True)  # no block: synchronous
+    assert sorted(done) == threadpool.split(n, 2)
+
+    def fail(s: int, e: int) -> None:
+        raise RuntimeError(f"piece {s}")
+
+    with pytest.raises(RuntimeError, match="piece"):
+        with threadpool.deferred():
+            threadpool.run_pieces(n, 2, fail, defer=True)
+
+
+def test_deferred_task_arithmetic_equals_synchronous():
+    """A deferred whole-tensor pass writes the same bits once its block ends."""
+    from searchmerge.store import kernels, threadpool
+
+    rng = np.random.default_rng(3)
+    n = 3 * threadpool.MIN_PER_THREAD + 77
+    vals = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]
+    base = rng.standard_normal(n).astype(np.float32)
+    want, got = np.empty_like(base), np.full_like(base, np.nan)
+    kernels.weighted_sum_into(vals, [0.5, 1.0, -0.25], mean=False, lambda_=0.7, base=base, out=want, threads=2)
+    with threadpool.deferred():
+        kernels.weighted_sum_into(vals, [0.5, 1.0, -0.25], mean=False, lambda_=0.7, base=base, out=got, threads=2,
+                                  defer=True)
+    assert np.array_equal(want.view(np.uint32), got.view(np.uint32))

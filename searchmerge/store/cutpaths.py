@@ -254,7 +254,8 @@ class CutPaths:
             if unscaled is not None:
                 scale_add_into(base, unscaled, comb.lambda_, target)
                 return deliver(target, dst)
-        self._combine_into(comb, taus, ops, base, target, cuts=cuts, della=self._della_inputs(k, sel, cuts, base))
+        self._combine_into(comb, taus, ops, base, target, cuts=cuts, della=self._della_inputs(k, sel, cuts, base),
+                           defer=target is dst or dst is None)
         return deliver(target, dst)
 
     def _della_inputs(self, k: str, sel: Sequence[int], cuts: Sequence[ranks.Cut],

@@ -90,19 +90,21 @@ def _check(vals: Sequence[np.ndarray], base: np.ndarray | None, out: np.ndarray,
         raise ValueError("one-entry tensors with 8 or more models: use the merge core's torch ops.")
 
 
-def _by_order(offset: int, length: int, numel: int, threads: int, fn: Callable[[bool, int, int], Any]) -> None:
+def _by_order(offset: int, length: int, numel: int, threads: int, fn: Callable[[bool, int, int], Any],
+              defer: bool = False) -> None:
     """``fn(ilp, start, stop)`` over ``[0, length)`` (entries ``offset + …`` of a ``numel``-entry tensor), split
-    where torch's sum switches from per-column to tail order, the per-column part across ``threads``."""
+    where torch's sum switches from per-column to tail order, the per-column part across ``threads`` (``defer``:
+    see :func:`~searchmerge.store.threadpool.deferred`)."""
     cut = min(length, max(0, plain_count(numel) - offset))
     if cut > 0:
-        run_pieces(cut, threads, lambda s, e: fn(False, s, e))
+        run_pieces(cut, threads, lambda s, e: fn(False, s, e), defer)
     if cut < length:
         fn(True, cut, length)
 
 
 def weighted_sum_into(
     vals: Sequence[np.ndarray], weights: Sequence[float], *, mean: bool, lambda_: float, base: np.ndarray,
-    out: np.ndarray, offset: int = 0, numel: int | None = None, threads: int = 1,
+    out: np.ndarray, offset: int = 0, numel: int | None = None, threads: int = 1, defer: bool = False,
 ) -> None:
     """``out = base + λ·Σ w_i·vals_i`` (÷ Σw for ``mean``) in one pass: the merge core's task-arithmetic bits.
 
@@ -119,7 +121,7 @@ def weighted_sum_into(
     def piece(ilp: bool, s: int, e: int) -> None:
         weighted_sum_kernel(len(vals), ilp)(*[x[s:e] for x in vals], w, div, lam, base[s:e], out[s:e])
 
-    _by_order(offset, len(out), numel, threads, piece)
+    _by_order(offset, len(out), numel, threads, piece, defer)
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,7 @@ def fused_combine_into(
     della_ranks: Sequence[np.ndarray] | None = None,
     della_cols: int = 0,
     keep_bytes: Sequence[np.ndarray | None] | None = None,
+    defer: bool = False,
 ) -> None:
     """``out = base + λ·combine(op_i(vals_i·keep_i))`` in one pass (``stages.combine`` + base, bit for bit).
 
@@ -222,8 +225,9 @@ def fused_combine_into(
             out[s:e],
         )
 
-    _by_order(offset, len(out), numel, threads, piece)
-    if cuts is None or not any(len(c.fix) for c in cuts):
+    fixes = cuts is not None and any(len(c.fix) for c in cuts)
+    _by_order(offset, len(out), numel, threads, piece, defer and not fixes)  # fixes are rewritten after the pass
+    if not fixes:
         return
     # entries tied at a cut that keeps part of its ties: recompute them with the exact rules
     fix = np.unique(np.concatenate([c.fix for c in cuts]))

@@ -139,9 +139,9 @@ class MergePaths(CutPaths):
             target = output_buffer(dst, base, out_dtype)
             if fused:
                 mean = comb.merge_func == "mean"
-                self._kernel_into(lambda vals, b, out, s, n: kernels.weighted_sum_into(
+                self._kernel_into(lambda vals, b, out, s, n, defer: kernels.weighted_sum_into(
                     vals, comb.weight, mean=mean, lambda_=comb.lambda_, base=b, out=out, offset=s, numel=n,
-                    threads=self.threads), taus, base, target)
+                    threads=self.threads, defer=defer), taus, base, target, defer=target is dst or dst is None)
             else:
                 weighted_sum_into(comb, base, taus, target, chunk=self.chunk * 4)
             return deliver(target, dst)
@@ -178,9 +178,11 @@ class MergePaths(CutPaths):
                 and not (base.numel() == 1 and n_models >= 8))
 
     def _kernel_into(self, run: Any, sources: Sequence[torch.Tensor], base: torch.Tensor | None,
-                     target: torch.Tensor) -> None:
-        """``run(vals, base, out, offset, numel)`` over the whole tensor zero-copy (float32 base and target, float32
-        or bfloat16 sources), or chunk by chunk on float32 copies; the same bits either way."""
+                     target: torch.Tensor, defer: bool = False) -> None:
+        """``run(vals, base, out, offset, numel, defer)`` over the whole tensor zero-copy (float32 base and target,
+        float32 or bfloat16 sources), or chunk by chunk on float32 copies; the same bits either way. ``defer``: the
+        whole-tensor pass may finish after this returns (inside ``threadpool.deferred``: nothing reads ``target``
+        before that block ends); chunks are copied out, so they never defer."""
         flat_out = target.detach().view(-1)
         flat_base = None if base is None else base.reshape(-1)
         flat = [x.reshape(-1) for x in sources]
@@ -189,23 +191,23 @@ class MergePaths(CutPaths):
                  and len({x.dtype for x in flat}) == 1 and flat[0].dtype in (F32, torch.bfloat16))
         if whole:
             run([kernels.as_kernel_array(x) for x in flat], None if flat_base is None else flat_base.numpy(),
-                flat_out.numpy(), 0, n)
+                flat_out.numpy(), 0, n, defer)
             return
         for s in range(0, n, self.chunk * 4):
             e = min(n, s + self.chunk * 4)
             out32 = torch.empty(e - s, dtype=F32)
             run([x[s:e].to(F32).numpy() for x in flat], None if flat_base is None else flat_base[s:e].to(F32).numpy(),
-                out32.numpy(), s, n)
+                out32.numpy(), s, n, False)
             flat_out[s:e].copy_(out32)
 
     def _combine_into(self, comb: Combine, sources: Sequence[torch.Tensor], ops: Sequence[tuple],
                       base: torch.Tensor | None, target: torch.Tensor, *, pattern: np.ndarray | None = None,
                       cuts: Sequence[ranks.Cut] | None = None,
                       della: tuple[Sequence[np.ndarray], int] | None = None,
-                      keep_bytes: Sequence[np.ndarray | None] | None = None) -> None:
+                      keep_bytes: Sequence[np.ndarray | None] | None = None, defer: bool = False) -> None:
         """``target = base + combine(stage(τ))`` (``base=None``: the merged delta) in one fused CPU pass (``della``:
         DELLA cuts' ranks per model and row length; ``keep_bytes``: each model's keep bits, drawn before)."""
-        def run(vals: list, b: Any, out: np.ndarray, s: int, n: int) -> None:
+        def run(vals: list, b: Any, out: np.ndarray, s: int, n: int, whole_defer: bool) -> None:
             kernels.fused_combine_into(
                 vals, None if pattern is None else pattern[s:s + len(out)], ops, comb.weight,
                 consensus=comb.consensus, merge_func=comb.merge_func, lambda_=comb.lambda_, base=b, out=out,
@@ -214,9 +216,10 @@ class MergePaths(CutPaths):
                 della_cols=0 if della is None else della[1],
                 keep_bytes=None if keep_bytes is None else [None if b is None else b[s:s + len(out)]
                                                             for b in keep_bytes],
+                defer=whole_defer,
             )
 
-        self._kernel_into(run, sources, base, target)
+        self._kernel_into(run, sources, base, target, defer)
 
     # --- cached results -------------------------------------------------------------------------------
 

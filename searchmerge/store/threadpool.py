@@ -4,8 +4,10 @@ elementwise, so the bits do not depend on the split (tested with 2 threads)."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator, Sequence
 
 #: below this many entries per thread a tensor runs on the calling thread (a pool hand-off costs ~50 µs)
 MIN_PER_THREAD = 1 << 16
@@ -34,10 +36,38 @@ def map_threads(fn: Callable[[Any], Any], items: Sequence[Any], threads: int) ->
     return list(_pool(threads).map(fn, items))
 
 
-def run_pieces(n: int, threads: int, fn: Callable[[int, int], Any]) -> list[Any]:
+_batch: ContextVar[list[Future] | None] = ContextVar("searchmerge_deferred", default=None)
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Within the block, :func:`run_pieces` calls made with ``defer=True`` return at once and their pieces run on
+    the pool while the caller prepares the next tensor; the block's end waits for all of them (re-raising the first
+    error). Why: a trial is a sequence of per-tensor passes, and waiting after each leaves the pool's threads idle —
+    on a virtual machine an idle core takes ~0.1 ms to wake, paid twice per tensor. Only for results nothing reads
+    before the block ends (a merge straight into its destination)."""
+    futures: list[Future] = []
+    token = _batch.set(futures)
+    try:
+        yield
+    finally:
+        _batch.reset(token)
+        errors = [f.exception() for f in futures]  # waits for every piece, even after an error in the block
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+
+
+def run_pieces(n: int, threads: int, fn: Callable[[int, int], Any], defer: bool = False) -> list[Any]:
     """``fn(start, stop)`` over :func:`split` pieces, on a pool of ``threads`` (the kernels release the GIL).
-    Elementwise kernels give the same bits however they are split."""
+    Elementwise kernels give the same bits however they are split. ``defer`` inside :func:`deferred`: submit the
+    pieces and return ``[]`` (they finish by the block's end)."""
     pieces = split(n, threads)
     if len(pieces) == 1:
         return [fn(*pieces[0])]
+    batch = _batch.get() if defer else None
+    if batch is not None:
+        pool = _pool(threads)
+        batch.extend(pool.submit(fn, *se) for se in pieces)
+        return []
     return list(_pool(threads).map(lambda se: fn(*se), pieces))

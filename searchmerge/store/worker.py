@@ -23,7 +23,7 @@ from searchmerge.recipe import Recipe, global_scalars
 from searchmerge.store import kernels, rankscan
 from searchmerge.store.modeltrim import ModelTrimPaths, out_dtypes_of
 from searchmerge.store.paths import LRU, MergePaths
-from searchmerge.store.threadpool import map_threads
+from searchmerge.store.threadpool import deferred, map_threads
 from searchmerge.store.stages import (
     Sparse,
     Stage,
@@ -294,8 +294,10 @@ class ShardWorker(MergePaths, ModelTrimPaths):
         targets: dict[str, torch.Tensor | None] = {k: None for k in self.names}
         with torch.no_grad():
             stats, merged = self._resolve_stats(recipe, sel, stats, targets, ods)  # merged: by flagged passes
-            out = {k: to_numpy(targets[k] if merged else self._merge_one(recipe, k, sel, stats, None, ods[k]))
-                   for k in self.names}
+            with deferred():  # whole-tensor passes overlap the next tensor's set-up; all done at the block's end
+                done = {k: targets[k] if merged else self._merge_one(recipe, k, sel, stats, None, ods[k])
+                        for k in self.names}
+            out = {k: to_numpy(v) for k, v in done.items()}
         self.merges += 1
         return out
 
@@ -321,8 +323,9 @@ class ShardWorker(MergePaths, ModelTrimPaths):
         ods = out_dtypes_of(self.base, self.names, out_dtype)
         with torch.no_grad():
             stats, merged = self._resolve_stats(recipe, sel, stats, {k: sd[k] for k in self.names}, ods)
-            for k in () if merged else self.names:  # merged: by the flagged whole-model trim's passes
-                self._merge_one(recipe, k, sel, stats, sd[k], ods[k])
+            with deferred():  # whole-tensor passes overlap the next tensor's set-up; all done at the block's end
+                for k in () if merged else self.names:  # merged: by the flagged whole-model trim's passes
+                    self._merge_one(recipe, k, sel, stats, sd[k], ods[k])
             for shard in shards:
                 for k, v in shard.items():
                     sd[k].copy_(from_numpy(v))
