@@ -136,6 +136,8 @@ class CutPaths:
         n = taus[0].numel()
         bytes_ok = stage.rescale == "l1" and torchsum.order_known() and any(d < 1 for d in stage.density)
         keep_bytes: list[np.ndarray | None] | None = [] if bytes_ok else None
+        if stage.sparsification == "della_magprune" and stage.rescale == "l1":  # the L1 sums read the ranks
+            self._sort_ranks(k, [i for m, i in enumerate(sel) if stage.density[m] < 1])
         for m, tau in enumerate(taus):
             d = stage.density[m]
             if d >= 1:
@@ -180,11 +182,19 @@ class CutPaths:
             r = self.order_stats[key] = row_ranks(rows).reshape(-1).numpy().astype(dtype)
         return r
 
+    def _sort_ranks(self, k: str, models: Sequence[int]) -> None:
+        """The first DELLA trial's sorts of tensor ``k`` for these models, on the actor's threads (torch's sort
+        releases the GIL)."""
+        missing = [i for i in models if ("della_ranks", k, i) not in self.order_stats]
+        if len(missing) > 1:
+            map_threads(lambda i: self._della_ranks(k, i), missing, self._scan_threads(self.taus[k][0].numel()))
+
     def _ranks_for(self, k: str, sel: Sequence[int], cuts: Sequence[ranks.Cut]) -> list[np.ndarray] | None:
         """The ranks a DELLA stage's fused pass reads (a model keeping everything reads another's: unused)."""
         della = [m for m, c in enumerate(cuts) if c.kind == "della"]
         if not della:
             return None
+        self._sort_ranks(k, [sel[m] for m in della])
         have = {m: self._della_ranks(k, sel[m]) for m in della}
         return [have.get(m, have[della[0]]) for m in range(len(cuts))]
 
