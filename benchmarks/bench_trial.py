@@ -270,6 +270,8 @@ def main() -> None:
         s0 = stores[threads[0]][0]
         P, N = s0.n_params, s0.n_models
         for row in select_rows(rows(base, fts, threads), args.rows):
+            if row.threads not in stores:  # the single-thread rows, with --threads naming other counts only
+                continue
             if row.family not in baselines and not args.no_baselines:
                 data = row.recipe
 
