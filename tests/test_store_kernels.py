@@ -280,3 +280,30 @@ def test_deferred_task_arithmetic_equals_synchronous():
         kernels.weighted_sum_into(vals, [0.5, 1.0, -0.25], mean=False, lambda_=0.7, base=base, out=got, threads=2,
                                   defer=True)
     assert np.array_equal(want.view(np.uint32), got.view(np.uint32))
+
+
+@pytest.mark.parametrize("kind", ["random", "della"])
+def test_narrow_draws_equal_wide_draws(kind):
+    """The uint32-induction draws (indices below 2**32) are the int64-index draws, up to the last index below 2**32."""
+    from searchmerge.store.kernel_source import combine_kernel
+
+    rng = np.random.default_rng(5)
+    n, m = 4099, 3
+    vals = [rng.standard_normal(n).astype(np.float32) for _ in range(m)]
+    base = rng.standard_normal(n).astype(np.float32)
+    u32 = lambda a: np.array(a, dtype=np.uint32)  # noqa: E731
+    args = [u32([0] * m), u32([0xFFFFFFFF] * m), u32([11, 12, 13]), u32([0xFFFFFFF0, 7, 1 << 31]),
+            u32([1 << 23, 1 << 22, 3 << 22])]
+    extra = ([rng.integers(0, 4096, n).astype(np.uint16) for _ in range(m)]
+             + [np.array([0.3, 0.2, 0.4], np.float32), np.array([0.1, 0.05, 0.2], np.float32), np.float32(4095)]
+             if kind == "della" else [])
+    tail = [np.array([0.5, 0.4, 0.6], np.float32), np.array([1.0, 0.7, -0.3], np.float32), np.float32(1.4),
+            np.float32(0.6), base]
+    for j0 in (0, (1 << 31) + 5, (1 << 32) - n):
+        outs = []
+        for narrow in (False, True):
+            out = np.empty(n, np.float32)
+            combine_kernel(m, False, ("div",) * m, "sum", "sum", (kind,) * m, True, False, narrow=narrow)(
+                *vals, *args, np.int64(j0), *extra, *tail, out)
+            outs.append(out)
+        assert np.array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32)), j0

@@ -212,8 +212,10 @@ def fused_combine_into(
         np.array([c.della[0] for c in cuts], dtype=np.float32), np.array([c.della[1] for c in cuts], dtype=np.float32),
         np.float32(max(1, della_cols - 1)))
 
+    narrow = numel < 1 << 32  # every index fits a uint32: draws from a 16-lane induction variable
+
     def piece(ilp: bool, s: int, e: int) -> None:
-        combine_kernel(*setup.config, kinds, setup.based, ilp)(
+        combine_kernel(*setup.config, kinds, setup.based, ilp, narrow=narrow)(
             *[x[s:e] for x in vals],
             *(() if pattern is None else (pattern[s:e],)),
             *thresholds,

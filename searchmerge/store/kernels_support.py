@@ -98,3 +98,10 @@ def counter24(k1, k2, j):  # noqa: ANN001, ANN202
     """Entry ``j``'s 24-bit draw of the mask keyed (k1, k2): ``searchmerge.methods.sparsify.counter_draws``'s integers,
     in uint32 arithmetic (a sum's or product's low 32 bits are the int64 result masked to 32 bits)."""
     return _U(_mix32(_U(_U(_U(j & 0xFFFFFFFF) + _U(k2 ^ _U(j >> 32))) ^ k1)) >> _S8)
+
+
+@register_jitable(inline="always")
+def counter24u(k1, k2, ju):  # noqa: ANN001, ANN202
+    """:func:`counter24` for an entry index below 2**32, as a uint32 (``j >> 32`` is 0): a loop's uint32 induction
+    variable vectorises 16 lanes wide where the int64 index's split into halves runs 8 wide (≈10% of a DELLA pass)."""
+    return _U(_mix32(_U(_U(ju + k2) ^ k1)) >> _S8)
