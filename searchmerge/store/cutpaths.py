@@ -131,34 +131,42 @@ class CutPaths:
         ``rescale_masked``. With L1 factors summed in torch's order, their pass also writes each entry's keep bit
         (a byte), which the combine then reads instead of drawing again (the draws are most of a pass's work)."""
         rng = tensor_rng(stage.seed, k)
-        cuts, ops = [], []
         cols = della_cols(taus[0].shape)
         n = taus[0].numel()
-        keep_bytes: list[np.ndarray | None] | None = [] if stage.rescale == "l1" and _l1_in_order(n) else None
-        if stage.sparsification == "della_magprune" and stage.rescale == "l1":  # the L1 sums read the ranks
-            self._sort_ranks(k, [i for m, i in enumerate(sel) if stage.density[m] < 1])
-        for m, tau in enumerate(taus):
+        cuts: list[ranks.Cut] = []
+        for m in range(len(taus)):  # the keys, in model order
             d = stage.density[m]
             if d >= 1:
                 cuts.append(ranks.Cut(ranks.ALL))
-                ops.append(("none",))
-                if keep_bytes is not None:
-                    keep_bytes.append(None)
-                continue
-            if stage.sparsification == "della_magprune":
-                cut = ranks.della_cut(mask_key(rng), d, _epsilon(stage, m), cols)
+            elif stage.sparsification == "della_magprune":
+                cuts.append(ranks.della_cut(mask_key(rng), d, _epsilon(stage, m), cols))
             else:
-                cut = ranks.random_cut(mask_key(rng), d)
-            cuts.append(cut)
-            if stage.rescale == "inverse":
-                ops.append(("div", d) if d > 0 else ("none",))  # density 0 keeps nothing: no rescale (core)
-            elif stage.rescale == "l1":
-                kb = None if keep_bytes is None else self._keep_scratch(len(taus), n)[m]
-                ops.append(self._l1_op(k, sel[m], tau, cut, kb))
-                if keep_bytes is not None:
-                    keep_bytes.append(kb)
-            else:
-                ops.append(("none",))
+                cuts.append(ranks.random_cut(mask_key(rng), d))
+        drawn = [m for m in range(len(taus)) if stage.density[m] < 1]
+        ops: list[tuple] = [("none",)] * len(taus)
+        keep_bytes: list[np.ndarray | None] | None = None
+        if stage.rescale == "inverse":
+            for m in drawn:
+                d = stage.density[m]
+                ops[m] = ("div", d) if d > 0 else ("none",)  # density 0 keeps nothing: no rescale (core)
+        elif stage.rescale == "l1" and drawn:
+            if stage.sparsification == "della_magprune":  # the L1 sums read the ranks
+                self._sort_ranks(k, [sel[m] for m in drawn])
+            if _l1_in_order(n):
+                scratch = self._keep_scratch(len(taus), n)
+                keep_bytes = [scratch[m] if m in drawn else None for m in range(len(taus))]
+
+            # the models' sums side by side on the actor's threads (one hand-off per tensor, not per model); a
+            # lone model's sum splits across them instead (never both: pool threads do not wait on the pool)
+            side = self._scan_threads(n) if keep_bytes is not None and len(drawn) > 1 else 1
+            workers = self.threads if side == 1 else 1
+
+            def l1(m: int) -> tuple:
+                kb = None if keep_bytes is None else keep_bytes[m]
+                return self._l1_op(k, sel[m], taus[m], cuts[m], kb, workers)
+
+            for m, op in zip(drawn, map_threads(l1, drawn, side)):
+                ops[m] = op
         return cuts, ops, keep_bytes
 
     def _keep_scratch(self, models: int, n: int) -> np.ndarray:
@@ -197,7 +205,8 @@ class CutPaths:
         have = {m: self._della_ranks(k, sel[m]) for m in della}
         return [have.get(m, have[della[0]]) for m in range(len(cuts))]
 
-    def _l1_op(self, k: str, i: int, tau: torch.Tensor, cut: ranks.Cut, keep_bytes: np.ndarray | None = None) -> tuple:
+    def _l1_op(self, k: str, i: int, tau: torch.Tensor, cut: ranks.Cut, keep_bytes: np.ndarray | None = None,
+               workers: int = 1) -> tuple:
         """``rescale_masked``'s L1 factor: ``Σ|τ| / Σ|τ·mask|``, both in torch's summation order (and threads): the
         first summed by torch once per tensor, the second in one read pass that masks as it sums in that order
         (:mod:`~searchmerge.store.torchsum`) — or, where that order is not known, over the masked |τ| a kernel
@@ -206,13 +215,13 @@ class CutPaths:
         before = self.l1_norms.get((k, i))
         if before is None:
             before = self.l1_norms[(k, i)] = np.float32(tau.to(F32).abs().sum().item())
-        after = self._masked_l1(k, i, tau, cut, keep_bytes)
+        after = self._masked_l1(k, i, tau, cut, keep_bytes, workers)
         if before < _L1_FLOOR or after < _L1_FLOOR:  # torch compares float32 with the bound rounded to float32
             return ("none",)
         return ("mul", before / after)  # float32 ÷ float32, one rounding: the 0-dim tensors' quotient
 
     def _masked_l1(self, k: str, i: int, tau: torch.Tensor, cut: ranks.Cut,
-                   keep_bytes: np.ndarray | None = None) -> np.float32:
+                   keep_bytes: np.ndarray | None = None, workers: int = 1) -> np.float32:
         """``Σ|τ·mask|`` as torch sums it (float32, as ``rescale_masked``'s 0-dim tensor holds it): with
         ``keep_bytes`` (only where :func:`_l1_in_order`) in one read pass that also writes each entry's keep bit,
         else over the masked |τ| a kernel pass writes, summed by torch."""
@@ -225,7 +234,7 @@ class CutPaths:
                 kind = "della_abs_keep"
             else:
                 extra, kind = tuple(np.uint32(v) for v in cut.rand), "random_abs_keep"
-            return np.float32(torchsum.torch_order_sum(kind, x, *extra, keep_bytes, workers=self.threads))
+            return np.float32(torchsum.torch_order_sum(kind, x, *extra, keep_bytes, workers=workers))
         scratch = getattr(self, "_l1_scratch", None)
         if scratch is None or scratch.numel() < tau.numel():  # one buffer, reused: no page faults per trial
             scratch = self._l1_scratch = torch.empty(max(t.numel() for t in self.base.values()), dtype=F32)
