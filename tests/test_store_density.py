@@ -323,6 +323,26 @@ def test_della_fused_matches_core_in_a_worker(monkeypatch):
             assert np.array_equal(got[k][1].view(np.uint32), ref[k].numpy().view(np.uint32)), (method, k)
 
 
+@pytest.mark.parametrize("shape", [(1, 5), (3, 7), (64, 96), (2, 70_001), (9, 1), (0, 4)])
+def test_store_row_ranks_are_the_cores(shape):
+    """The store's key sort gives ``sparsify.row_ranks``'s integers (stable ties, ±0 alike, NaN and inf last) for
+    float32 and bfloat16 task vectors; uint16 up to 65,536 columns, int32 past."""
+    from searchmerge.methods.sparsify import row_ranks as core_ranks
+    from searchmerge.store.rowranks import row_ranks
+
+    g = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])
+    x = torch.round(torch.randn(shape, generator=g) * 8) / 256  # many ties
+    flat = x.view(-1)
+    if flat.numel() >= 12:
+        flat[:3], flat[3:6], flat[7], flat[9], flat[10] = 0.0, -0.0, float("nan"), float("inf"), -float("inf")
+    for t in (x, x.to(torch.bfloat16)):
+        want = core_ranks(t.to(torch.float32).abs()).reshape(-1).numpy()
+        arr = t.reshape(-1).numpy() if t.dtype == torch.float32 else t.reshape(-1).view(torch.int16).numpy().view(np.uint16)
+        got = row_ranks(arr, shape[1])
+        assert got.dtype == (np.uint16 if shape[1] <= 1 << 16 else np.int32)
+        assert np.array_equal(got.astype(np.int64), want), (shape, t.dtype)
+
+
 def test_lru_keeps_costly_entries():
     """Cheap entries (masks, merged deltas) never evict a costly one (a TSV-M unit-scale result); the reverse can."""
     from searchmerge.store.paths import COSTLY, LRU

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from searchmerge.merge import tensor_rng
-from searchmerge.methods.sparsify import mask_key, row_ranks
-from searchmerge.store import kernels, ranks, rankscan, torchsum
+from searchmerge.methods.sparsify import mask_key
+from searchmerge.store import kernels, ranks, rankscan, rowranks, torchsum
 from searchmerge.store.stages import Combine, Stage, deliver, output_buffer, scale_add_into
 from searchmerge.store.threadpool import MIN_PER_THREAD, map_threads
 
@@ -184,9 +184,8 @@ class CutPaths:
         r = self.order_stats.get(key)
         if r is None:
             tau = self.taus[k][i]
-            rows = tau.to(F32).reshape(-1, della_cols(tau.shape)).abs()
-            dtype = np.uint16 if rows.shape[1] <= 1 << 16 else np.int32  # ranks < cols
-            r = self.order_stats[key] = row_ranks(rows).reshape(-1).numpy().astype(dtype)
+            r = self.order_stats[key] = rowranks.row_ranks(kernels.as_kernel_array(tau.reshape(-1)),
+                                                           della_cols(tau.shape))
         return r
 
     def _sort_ranks(self, k: str, models: Sequence[int]) -> None:
