@@ -28,6 +28,7 @@ import torch
 from searchmerge.merge import tensor_rng
 from searchmerge.methods.sparsify import mask_key
 from searchmerge.store import kernels, ranks, rankscan, rowranks, torchsum
+from searchmerge.store.kernel_source import della_keep
 from searchmerge.store.stages import Combine, Stage, deliver, output_buffer, scale_add_into
 from searchmerge.store.threadpool import MIN_PER_THREAD, map_threads
 
@@ -287,8 +288,7 @@ _L1_FLOOR = np.float32(1e-7)
 #: ``MASKED_ABS_SOURCE`` / ``DELLA_MASKED_ABS_SOURCE``), each entry's keep bit written to ``kb`` for the combine that
 #: follows; the draws take the index as a uint32 (``counter24u``: tensors below 2**32 entries, ≈20% faster)
 _DRAW = "counter24u(k1, k2, np.uint32(jj))"
-_DELLA_KEEP = (f"keep = np.float32({_DRAW}) * np.float32(2.0 ** -24) < dc + ((np.float32(r[j]) / dcm) "
-               "* np.float32(2.0)) * de")
+_DELLA_KEEP = "keep = " + della_keep(_DRAW, "r[j]", "dc", "de", "dcm")
 _MASKED = "v = abs(load(x, j) * np.float32(keep))"
 _WRITE = "kb[j] = np.uint8(keep)"
 torchsum.register_kind("della_abs_keep", (_DELLA_KEEP, _WRITE, _MASKED), ("r", "k1", "k2", "dc", "de", "dcm", "kb"),

@@ -38,8 +38,6 @@ from searchmerge.store.kernels_support import absbits, counter24, counter24u, lo
 ZERO = np.float32(0.0)
 ONE = np.float32(1.0)
 MONE = np.float32(-1.0)
-TWO = np.float32(2.0)
-S24 = np.float32(2.0 ** -24)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=False, boundscheck=False)
@@ -64,6 +62,12 @@ def weighted_sum_source(n: int, ilp: bool = False) -> str:
     return src
 
 
+def della_keep(draw: str, rank: str, dc: str, de: str, dcm: str) -> str:
+    """``sparsify.della_mask``'s keep test as float32 source, the one home of its operations and their order:
+    ``draw/2**24 < (d − ε) + ((rank / (cols − 1))·2)·ε`` (``dc`` = d − ε, ``dcm`` = cols − 1, all float32)."""
+    return f"np.float32({draw}) * np.float32(2.0 ** -24) < {dc} + ((np.float32({rank}) / {dcm}) * np.float32(2.0)) * {de}"
+
+
 def _keep_expr(i: int, kind: str, narrow: bool = False) -> str:
     """Model ``i``'s keep bit (:mod:`~searchmerge.store.ranks`), branch-free: ``ge`` / ``range`` compare ``|x|``'s bit
     pattern with a cut's thresholds; ``lower`` / ``band`` are the exact rules (also comparing the entry's index)."""
@@ -73,7 +77,7 @@ def _keep_expr(i: int, kind: str, narrow: bool = False) -> str:
     if kind == "byte":  # the keep bit a pass before this one wrote (the L1 sums' pass: its draws, not redrawn)
         return f"b{i}[j] != 0"
     if kind == "della":  # sparsify.della_mask: draw/2**24 < (d − ε) + ((rank / (cols − 1))·2)·ε, in float32
-        return f"np.float32({draw}) * S24 < dc{i} + ((np.float32(r{i}[j]) / dcm) * TWO) * de{i}"
+        return della_keep(draw, f"r{i}[j]", f"dc{i}", f"de{i}", "dcm")
     if kind in ("ge", "flag_ge"):
         return f"m{i} >= lo{i}"
     if kind in ("range", "flag"):
@@ -287,6 +291,6 @@ MASKED_ABS_SOURCE = _HEADER.format(what="|x·random mask|", args="x, k1, k2, t, 
 """
 
 DELLA_MASKED_ABS_SOURCE = _HEADER.format(what="|x·DELLA mask|", args="x, r, k1, k2, dc, de, dcm, out") + """    for j in range(len(out)):
-        keep = np.float32(counter24(k1, k2, j)) * S24 < dc + ((np.float32(r[j]) / dcm) * TWO) * de
+        keep = """ + della_keep("counter24(k1, k2, j)", "r[j]", "dc", "de", "dcm") + """
         out[j] = abs(load(x, j) * np.float32(keep))
 """
