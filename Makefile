@@ -70,7 +70,7 @@ $(PEERS)/fusionbench/.installed:
 	touch $@
 peers: $(PEERS)/mergekit/bin/mergekit-yaml $(PEERS)/fusionbench/.installed
 
-# Per-trial latency on the 100M zoo against the real peers (18 minutes here, plus the peers' installs the first time;
+# Per-trial latency on the 100M zoo against the real peers (24 minutes here, plus the peers' installs the first time;
 # README "Resident task-vector store").
 bench-trial: $(STAMP) peers
 	$(RAY_ENV) $(BIN)/python benchmarks/bench_trial.py --mergekit-yaml $(PEERS)/mergekit/bin/mergekit-yaml \
