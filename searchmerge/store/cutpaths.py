@@ -27,8 +27,7 @@ import torch
 
 from searchmerge.merge import tensor_rng
 from searchmerge.methods.sparsify import mask_key
-from searchmerge.store import kernels, ranks, rankscan, rowranks, torchsum
-from searchmerge.store.kernel_source import della_keep
+from searchmerge.store import kernels, l1sums, ranks, rankscan, rowranks
 from searchmerge.store.stages import Combine, Stage, deliver, output_buffer, scale_add_into
 from searchmerge.store.threadpool import MIN_PER_THREAD, map_threads
 
@@ -132,7 +131,7 @@ class CutPaths:
         ``rescale_masked``. With L1 factors summed in torch's order, their pass also writes each entry's keep bit
         (a byte), which the combine then reads instead of drawing again (the draws are most of a pass's work)."""
         rng = tensor_rng(stage.seed, k)
-        cols = della_cols(taus[0].shape)
+        cols = ranks.della_cols(taus[0].shape)
         n = taus[0].numel()
         cuts: list[ranks.Cut] = []
         for m in range(len(taus)):  # the keys, in model order
@@ -153,7 +152,7 @@ class CutPaths:
         elif stage.rescale == "l1" and drawn:
             if stage.sparsification == "della_magprune":  # the L1 sums read the ranks
                 self._sort_ranks(k, [sel[m] for m in drawn])
-            if _l1_in_order(n):
+            if l1sums.in_order(n):
                 scratch = self._keep_scratch(len(taus), n)
                 keep_bytes = [scratch[m] if m in drawn else None for m in range(len(taus))]
 
@@ -186,12 +185,12 @@ class CutPaths:
         if r is None:
             tau = self.taus[k][i]
             r = self.order_stats[key] = rowranks.row_ranks(kernels.as_kernel_array(tau.reshape(-1)),
-                                                           della_cols(tau.shape))
+                                                           ranks.della_cols(tau.shape))
         return r
 
     def _sort_ranks(self, k: str, models: Sequence[int]) -> None:
-        """The first DELLA trial's sorts of tensor ``k`` for these models, on the actor's threads (torch's sort
-        releases the GIL)."""
+        """The first DELLA trial's sorts of tensor ``k`` for these models, on the actor's threads (numba's key pass
+        and numpy's sort release the GIL)."""
         missing = [i for i in models if ("della_ranks", k, i) not in self.order_stats]
         if len(missing) > 1:
             map_threads(lambda i: self._della_ranks(k, i), missing, self._scan_threads(self.taus[k][0].numel()))
@@ -216,34 +215,20 @@ class CutPaths:
         if before is None:
             before = self.l1_norms[(k, i)] = np.float32(tau.to(F32).abs().sum().item())
         after = self._masked_l1(k, i, tau, cut, keep_bytes, workers)
-        if before < _L1_FLOOR or after < _L1_FLOOR:  # torch compares float32 with the bound rounded to float32
+        if before < l1sums.FLOOR or after < l1sums.FLOOR:  # torch compares float32 with the bound rounded to float32
             return ("none",)
         return ("mul", before / after)  # float32 ÷ float32, one rounding: the 0-dim tensors' quotient
 
     def _masked_l1(self, k: str, i: int, tau: torch.Tensor, cut: ranks.Cut,
                    keep_bytes: np.ndarray | None = None, workers: int = 1) -> np.float32:
-        """``Σ|τ·mask|`` as torch sums it (float32, as ``rescale_masked``'s 0-dim tensor holds it): with
-        ``keep_bytes`` (only where :func:`_l1_in_order`) in one read pass that also writes each entry's keep bit,
-        else over the masked |τ| a kernel pass writes, summed by torch."""
-        x = kernels.as_kernel_array(tau.reshape(-1))
-        if keep_bytes is not None:
-            if cut.kind == "della":
-                cols = della_cols(tau.shape)
-                extra = (self._della_ranks(k, i), np.uint32(cut.rand[0]), np.uint32(cut.rand[1]),
-                         np.float32(cut.della[0]), np.float32(cut.della[1]), np.float32(max(1, cols - 1)))
-                kind = "della_abs_keep"
-            else:
-                extra, kind = tuple(np.uint32(v) for v in cut.rand), "random_abs_keep"
-            return np.float32(torchsum.torch_order_sum(kind, x, *extra, keep_bytes, workers=workers))
+        """``Σ|τ·mask|`` as torch sums it (:func:`l1sums.masked_abs_sum`; the scratch buffer, where no keep bytes are
+        written, is one reused buffer: no page faults per trial)."""
         scratch = getattr(self, "_l1_scratch", None)
-        if scratch is None or scratch.numel() < tau.numel():  # one buffer, reused: no page faults per trial
+        if keep_bytes is None and (scratch is None or scratch.numel() < tau.numel()):
             scratch = self._l1_scratch = torch.empty(max(t.numel() for t in self.base.values()), dtype=F32)
-        masked = scratch[: tau.numel()]
-        if cut.kind == "della":
-            kernels.della_masked_abs(x, self._della_ranks(k, i), cut, della_cols(tau.shape), masked.numpy())
-        else:
-            kernels.random_masked_abs(x, cut.rand, masked.numpy())
-        return np.float32(masked.sum().item())
+        della = (self._della_ranks(k, i), ranks.della_cols(tau.shape)) if cut.kind == "della" else None
+        return l1sums.masked_abs_sum(kernels.as_kernel_array(tau.reshape(-1)), cut, della, keep_bytes, scratch,
+                                     workers)
 
     def _merge_cut(self, k: str, stage: Stage, comb: Combine, taus: list[torch.Tensor], sel: Sequence[int],
                    base: torch.Tensor, dst: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
@@ -278,36 +263,7 @@ class CutPaths:
     def _della_inputs(self, k: str, sel: Sequence[int], cuts: Sequence[ranks.Cut],
                       base: torch.Tensor) -> tuple[list[np.ndarray], int] | None:
         r = self._ranks_for(k, sel, cuts)
-        return None if r is None else (r, della_cols(base.shape))
-
-
-#: ``rescale_masked``'s "nothing to rescale" bound, as torch compares it with a float32 sum (rounded to float32)
-_L1_FLOOR = np.float32(1e-7)
-
-#: the masked |τ| of DARE's and DELLA's L1 factors, summed in torch's order as it is read (the values of
-#: ``MASKED_ABS_SOURCE`` / ``DELLA_MASKED_ABS_SOURCE``), each entry's keep bit written to ``kb`` for the combine that
-#: follows; the draws take the index as a uint32 (``counter24u``: tensors below 2**32 entries, ≈20% faster)
-_DRAW = "counter24u(k1, k2, np.uint32(jj))"
-_DELLA_KEEP = "keep = " + della_keep(_DRAW, "r[j]", "dc", "de", "dcm")
-_MASKED = "v = abs(load(x, j) * np.float32(keep))"
-_WRITE = "kb[j] = np.uint8(keep)"
-torchsum.register_kind("della_abs_keep", (_DELLA_KEEP, _WRITE, _MASKED), ("r", "k1", "k2", "dc", "de", "dcm", "kb"),
-                       arrays=("r", "kb"))
-torchsum.register_kind("random_abs_keep", (f"keep = {_DRAW} < t", _WRITE, _MASKED), ("k1", "k2", "t", "kb"),
-                       arrays=("kb",))
-
-
-def _l1_in_order(numel: int) -> bool:
-    """Whether a tensor's L1 factors take the one-pass torch-order sums (which also write the keep bytes): torch's
-    CPU sum order is known here, and every index fits the uint32 draws."""
-    return numel < 1 << 32 and torchsum.order_known()
-
-
-def della_cols(shape: Sequence[int]) -> int:
-    """The row length ``sparsify.della_mask`` ranks within: the whole tensor below 2-D, else ``numel / shape[0]``."""
-    if len(shape) < 2:
-        return max(1, int(np.prod(shape)))
-    return max(1, int(np.prod(shape[1:])))
+        return None if r is None else (r, ranks.della_cols(base.shape))
 
 
 def _epsilon(stage: Stage, m: int) -> float:

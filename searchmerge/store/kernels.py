@@ -19,14 +19,11 @@ import numpy as np
 import torch
 
 from searchmerge.store.kernel_source import (
-    DELLA_MASKED_ABS_SOURCE,
-    MASKED_ABS_SOURCE,
     MAX_MODELS,
     combine_kernel,
-    compiled,
     weighted_sum_kernel,
 )
-from searchmerge.store.ranks import DELLA_ALL, NONE_BITS, Cut, Pending
+from searchmerge.store.ranks import ALL, DELLA_ALL, NONE_BITS, Cut, Pending, della_span
 from searchmerge.store.sumorder import plain_count
 from searchmerge.store.threadpool import run_pieces
 
@@ -194,15 +191,17 @@ def fused_combine_into(
     setup = _combine_setup(vals, pattern, ops, weights, consensus, merge_func, lambda_, base, out, offset, numel)
     if cuts is not None and (pattern is not None or len(cuts) != len(vals)):
         raise ValueError(f"fused_combine_into: {len(cuts)} cuts for {len(vals)} models (and no pattern).")
-    if keep_bytes is not None:  # keep bits drawn before: the threshold arguments are placeholders
+    if keep_bytes is not None:  # keep bits drawn before: the cuts only fill the threshold arguments
         if cuts is not None or pattern is not None or len(keep_bytes) != len(vals) or any(
                 b is not None and len(b) != len(out) for b in keep_bytes):
             raise ValueError("fused_combine_into: keep bytes per model over the same entries, and no cuts or pattern.")
-        cuts = [Cut(("all", 0, 0, 0, NONE_BITS, -1))] * len(vals)
-    cuts = None if cuts is None else cuts if keep_bytes is not None else _uniform_cuts(cuts, numel)
-    kinds = None if cuts is None else tuple(c.kind if c.kind in ("random", "della") else "range" for c in cuts)
-    if keep_bytes is not None:
+        cuts = [Cut(ALL)] * len(vals)
         kinds = tuple("all" if b is None else "byte" for b in keep_bytes)
+    elif cuts is not None:
+        cuts = _uniform_cuts(cuts, numel)
+        kinds = tuple(c.kind if c.kind in ("random", "della") else "range" for c in cuts)
+    else:
+        kinds = None
     thresholds = () if cuts is None else (np.array([c.lo for c in cuts], dtype=np.uint32),
                                           np.array([c.hi for c in cuts], dtype=np.uint32), *_rand_arrays(cuts))
     della = kinds is not None and "della" in kinds
@@ -210,7 +209,7 @@ def fused_combine_into(
         raise ValueError("fused_combine_into: DELLA cuts need each model's ranks over the same entries.")
     della_scalars = () if not della else (
         np.array([c.della[0] for c in cuts], dtype=np.float32), np.array([c.della[1] for c in cuts], dtype=np.float32),
-        np.float32(max(1, della_cols - 1)))
+        della_span(della_cols))
 
     narrow = numel < 1 << 32  # every index fits a uint32: draws from a 16-lane induction variable
 
@@ -390,14 +389,3 @@ def _rule_arrays(keeps: Sequence[tuple]) -> tuple[np.ndarray, ...]:
     )
 
 
-
-def random_masked_abs(x: np.ndarray, rand: tuple[int, int, int], out: np.ndarray) -> None:
-    """``out = |x·mask|`` for a whole tensor's random mask ``rand`` (k1, k2, threshold), as float32."""
-    compiled(MASKED_ABS_SOURCE)(x, np.uint32(rand[0]), np.uint32(rand[1]), np.uint32(rand[2]), out)
-
-
-def della_masked_abs(x: np.ndarray, ranks: np.ndarray, cut: Cut, cols: int, out: np.ndarray) -> None:
-    """``out = |x·mask|`` for a whole tensor's DELLA mask ``cut`` (rows of ``cols``; ``ranks``: within-row ranks)."""
-    compiled(DELLA_MASKED_ABS_SOURCE)(x, ranks, np.uint32(cut.rand[0]), np.uint32(cut.rand[1]),
-                                      np.float32(cut.della[0]), np.float32(cut.della[1]), np.float32(max(1, cols - 1)),
-                                      out)

@@ -23,6 +23,7 @@ few entries tied at a cut that keeps only part of its ties, recomputed with the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -192,6 +193,19 @@ def random_cut(key: tuple[int, int], density: float) -> Cut:
     from searchmerge.methods.sparsify import keep_threshold
 
     return Cut(("random", 0, 0, -1, NONE_BITS, -1), rand=(int(key[0]), int(key[1]), keep_threshold(density)))
+
+
+def della_cols(shape: Sequence[int]) -> int:
+    """The row length ``sparsify.della_mask`` ranks within: the whole tensor below 2-D, else ``numel / shape[0]``."""
+    if len(shape) < 2:
+        return max(1, int(np.prod(shape)))
+    return max(1, int(np.prod(shape[1:])))
+
+
+def della_span(cols: int) -> np.float32:
+    """The kernels' ``dcm``, ``cols − 1`` as float32 — at least 1: a one-column row's cut keeps nothing whatever it
+    divides by (:func:`della_cut`), and the kernels must not divide by zero."""
+    return np.float32(max(1, cols - 1))
 
 
 def della_cut(key: tuple[int, int], density: float, epsilon: float, cols: int) -> Cut:
